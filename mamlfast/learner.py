@@ -1,0 +1,94 @@
+"""MAMLPlusPlus: the inner loop, the meta-loss, and adapt-then-predict, for all tasks at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops, reference
+from .config import MAMLConfig
+from .model import Backbone, InnerLearningRates, fold_tasks
+from .schedules import msl_weights, use_second_order
+from .tasks import MetaOutput, TaskBatch, check_tasks
+
+
+class MAMLPlusPlus(nn.Module):
+    """MAML++ (Antoniou et al., ICLR 2019) with every technique switchable through ``cfg``.
+
+    Meta-parameters: ``net`` (initial conv/head weights, per-step batch-norm weights) and
+    ``inner_lrs`` (LSLR). ``cfg.backend == "loop"`` runs the per-task reference
+    (``mamlfast.reference``); any other value runs all tasks as one network, with the hot
+    ops on that backend.
+    """
+
+    def __init__(self, cfg: MAMLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = Backbone(cfg)
+        adapted = self.net.adapted_parameters()
+        self.inner_lrs = InnerLearningRates(list(adapted), cfg.inner_steps, cfg.inner_lr, cfg.learn_inner_lrs)
+        sizes = [p.numel() for p in adapted.values()]
+        self.register_buffer("segment_ids", ops.segment_ids_for(sizes), persistent=False)
+
+    def forward(self, batch: TaskBatch, epoch: int) -> MetaOutput:
+        """Adapt to each task's support set and return the meta-loss on the query sets.
+
+        The epoch sets the multi-step loss weights and the derivative order. In training
+        mode, each forward moves the batch-norm running statistics of the step it used.
+        """
+        batch.check(self.cfg)
+        if self.cfg.backend == "loop":
+            return reference.meta_forward(self, batch, epoch)
+        return self.meta_forward(batch, msl_weights(self.cfg, epoch), use_second_order(self.cfg, epoch))
+
+    def meta_forward(self, batch: TaskBatch, loss_weights: list[float], second_order: bool) -> MetaOutput:
+        """The task-batched meta-forward for given MSL weights [S] and derivative order, unchecked."""
+        x_support, x_query = fold_tasks(batch.x_support), fold_tasks(batch.x_query)
+        flat = self.net.flat_parameters(batch.num_tasks)
+        rates = self.inner_lrs.stacked()
+        meta_loss = 0.0
+        per_step_losses = flat.new_full((self.cfg.inner_steps,), float("nan")).detach()
+        for step, weight in enumerate(loss_weights):
+            flat = self._inner_step(flat, x_support, batch.y_support, step, rates,
+                                    create_graph=second_order, use_running_stats=False)
+            if weight == 0:
+                continue
+            logits = self._logits(flat, x_query, step, use_running_stats=False)
+            loss = F.cross_entropy(logits.flatten(0, 1), batch.y_query.flatten())
+            meta_loss = meta_loss + weight * loss
+            per_step_losses[step] = loss.detach()
+        accuracy = (logits.argmax(-1) == batch.y_query).float().mean()
+        return MetaOutput(meta_loss, accuracy, per_step_losses)
+
+    def predict(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor) -> torch.Tensor:
+        """Adapt to each support set (first order, ``eval_inner_steps``); query logits [B, M, n_way].
+
+        Batch norm follows ``cfg.bn_eval``; running statistics are left unchanged.
+        """
+        check_tasks(self.cfg, x_support, y_support, x_query)
+        if self.cfg.backend == "loop":
+            return reference.predict(self, x_support, y_support, x_query)
+        running = self.cfg.bn_eval == "running"
+        xs, xq = fold_tasks(x_support), fold_tasks(x_query)
+        with torch.enable_grad():
+            flat = self.net.flat_parameters(x_support.shape[0]).detach()
+            rates = self.inner_lrs.stacked().detach()
+            for step in range(self.cfg.eval_inner_steps):
+                flat = self._inner_step(flat.requires_grad_(), xs, y_support, step, rates,
+                                        create_graph=False, use_running_stats=running, track=False).detach()
+        with torch.no_grad():
+            return self._logits(flat, xq, self.cfg.eval_inner_steps - 1, use_running_stats=running, track=False)
+
+    def _inner_step(self, flat, x, y, step, rates, *, create_graph, use_running_stats, track=True):
+        """theta_{s+1} = theta_s - alpha[:, s] * grad of the support loss, for every task: [B, P]."""
+        logits = self._logits(flat, x, step, use_running_stats=use_running_stats, track=track)
+        # The sum over tasks of each task's mean loss: task b's parameters get its own gradient.
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
+        (grads,) = torch.autograd.grad(loss, flat, create_graph=create_graph)
+        lrs = rates[:, self.inner_lrs.step_column(step)]
+        return ops.lslr_update(flat, grads, lrs, self.segment_ids, backend=self.cfg.backend)
+
+    def _logits(self, flat, x, step, *, use_running_stats, track=True):
+        return self.net.forward_tasks(flat, x, step, use_running_stats=use_running_stats,
+                                      track_running_stats=track and self.training, backend=self.cfg.backend)

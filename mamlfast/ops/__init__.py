@@ -1,0 +1,8 @@
+"""The hot ops of a task-batched meta-iteration, each one function with a ``backend`` argument."""
+
+from .backends import OP_BACKENDS, BackendUnavailable, availability, resolve
+from .batch_norm import task_batch_norm
+from .lslr import lslr_update, segment_ids_for
+
+__all__ = ["OP_BACKENDS", "BackendUnavailable", "availability", "resolve",
+           "task_batch_norm", "lslr_update", "segment_ids_for"]

@@ -1,0 +1,78 @@
+"""Per-step batch norm of task-batched activations: statistics per (task, channel).
+
+Activations of B tasks travel as one tensor ``x`` of shape [N, B*C, H, W] (tasks folded
+into channels, the layout of a grouped convolution). Each (task, channel) pair is
+normalised over its N*H*W values; the affine weight and bias [C] of the current inner
+step are shared by all tasks. The running statistics [C] of that step move once per
+call, towards the mean over tasks of the per-task batch mean and unbiased variance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import resolve
+
+
+def task_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Normalise ``x`` [N, B*C, H, W] per (task, channel) and apply ``weight``, ``bias`` [C].
+
+    ``training=True`` normalises with the batch statistics and, if running statistics are
+    given, updates them in place; ``training=False`` normalises with the running statistics.
+    """
+    _check_shapes(x, weight, bias, running_mean, running_var, training)
+    implementation = _IMPLEMENTATIONS[resolve(backend, x.device)]
+    return implementation(x, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def _check_shapes(x, weight, bias, running_mean, running_var, training) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"task_batch_norm expects x of shape [N, B*C, H, W], got {tuple(x.shape)}")
+    channels = weight.shape[0]
+    if weight.dim() != 1 or bias.shape != weight.shape:
+        raise ValueError(f"weight and bias must both be [C], got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    if x.shape[1] % channels:
+        raise ValueError(f"x has {x.shape[1]} channels, not a multiple of C={channels}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    if running_mean is None and not training:
+        raise ValueError("training=False normalises with running statistics: give running_mean and running_var")
+    for stat in (running_mean, running_var):
+        if stat is not None and stat.shape != weight.shape:
+            raise ValueError(f"running statistics must be [C]={tuple(weight.shape)}, got {tuple(stat.shape)}")
+
+
+def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    tasks = x.shape[1] // weight.shape[0]
+    # [C] -> [B*C]: every task uses the same step's affine parameters
+    weight, bias = weight.repeat(tasks), bias.repeat(tasks)
+    if not training:
+        return F.batch_norm(x, running_mean.repeat(tasks), running_var.repeat(tasks), weight, bias,
+                            False, 0.0, eps)
+    if running_mean is None:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    # With momentum 1, batch_norm overwrites these [B*C] buffers with this batch's
+    # per-(task, channel) mean and unbiased variance: the statistics come for free.
+    batch_mean = x.new_zeros(x.shape[1])
+    batch_var = x.new_zeros(x.shape[1])
+    out = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+    with torch.no_grad():
+        # [B*C] -> [B, C] -> mean over tasks [C]
+        running_mean.lerp_(batch_mean.view(tasks, -1).mean(0), momentum)
+        running_var.lerp_(batch_var.view(tasks, -1).mean(0), momentum)
+    return out
+
+
+_IMPLEMENTATIONS = {"torch": _torch_task_batch_norm}

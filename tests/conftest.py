@@ -1,0 +1,62 @@
+import copy
+
+import pytest
+import torch
+
+import mamlfast
+
+
+def random_batch(cfg: mamlfast.MAMLConfig, tasks: int, *, dtype=torch.float64, seed: int = 0,
+                 device: str = "cpu") -> mamlfast.TaskBatch:
+    """B tasks of Gaussian images; labels 0..N-1 in a different shuffled order per task."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(per_class):
+        x = torch.randn(tasks, cfg.n_way * per_class, cfg.image_channels, cfg.image_size, cfg.image_size,
+                        generator=generator, dtype=dtype)
+        y = torch.stack([torch.randperm(cfg.n_way, generator=generator).repeat_interleave(per_class)
+                         for _ in range(tasks)])
+        return x.to(device), y.to(device)
+
+    return mamlfast.TaskBatch(*split(cfg.k_shot), *split(cfg.k_query))
+
+
+def perturbed_learner(cfg: mamlfast.MAMLConfig, *, seed: int = 0, dtype=torch.float64) -> mamlfast.MAMLPlusPlus:
+    """A learner whose every parameter and running statistic is moved off its initial value.
+
+    Zero biases, unit BN weights, zero running means and equal learning rates hide bugs.
+    """
+    torch.manual_seed(seed)
+    learner = mamlfast.MAMLPlusPlus(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in learner.named_parameters():
+            p.add_(torch.randn_like(p) * (0.02 if name.startswith("inner_lrs") else 0.2))
+        for name, b in learner.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(torch.randn_like(b) * 0.1)
+            elif name.endswith("running_var"):
+                b.mul_(torch.rand_like(b) + 0.5)
+    return learner
+
+
+def with_backend(learner: mamlfast.MAMLPlusPlus, backend: str) -> mamlfast.MAMLPlusPlus:
+    """An independent copy of ``learner`` that runs on ``backend``."""
+    clone = copy.deepcopy(learner)
+    clone.cfg = learner.cfg.replace(backend=backend)
+    return clone
+
+
+def relative_errors(expected: dict, actual: dict) -> dict:
+    """max|a - e| / max|e| per tensor, against the largest of all tensors for those whose value
+    is zero in exact arithmetic (conv biases feed batch norm, which removes any per-channel
+    constant, so their meta-gradients are rounding noise around zero)."""
+    scale = max(t.abs().max().item() for t in expected.values())
+    return {name: (actual[name] - e).abs().max().item() / max(e.abs().max().item(), 1e-6 * scale)
+            for name, e in expected.items()}
+
+
+@pytest.fixture
+def small_cfg():
+    """Omniglot 5-way 1-shot MAML++ at a size the CPU runs in milliseconds."""
+    return mamlfast.MAMLConfig.preset("omniglot-5w1s", image_size=16, num_filters=6, inner_steps=3,
+                                      eval_inner_steps=3, meta_batch_size=3)
