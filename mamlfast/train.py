@@ -1,0 +1,277 @@
+"""Trainer: the outer loop, validation after every epoch, checkpoints, and the paper's test protocol.
+
+Output folder:
+    metrics.jsonl   one object per logged iteration (iteration, epoch, loss, accuracy, meta_lr,
+                    seconds) and one per validation (iteration, epoch, val_accuracy, val_ci95, seconds)
+    summary.json    best validation accuracy, test accuracy of the best model and of the
+                    top-k ensemble with 95% intervals, and the config
+    checkpoints/    latest.pt, and epoch-NNN.pt for the k best epochs by validation accuracy
+    curves.png      training loss and accuracy, validation accuracy, against iterations
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoints
+from .config import MAMLConfig
+from .data import FewShotDataset, TaskSampler
+from .files import atomic_open, write_json
+from .learner import MAMLPlusPlus
+from .schedules import cosine_meta_lr, total_iterations
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request after writing a checkpoint."""
+
+
+class FixedTasks:
+    """A split's fixed evaluation tasks, evaluated in batches of tasks."""
+
+    def __init__(self, sampler: TaskSampler, count: int, chunk: int):
+        self.sampler, self.chunk = sampler, chunk
+        self.indices, self.rotations = sampler.fixed_tasks(count)
+
+    def accuracies(self, learners: list[MAMLPlusPlus], progress: bool = False) -> torch.Tensor:
+        """Per-task query accuracy [T] of ``learners``' averaged logits (one learner: itself)."""
+        results = []
+        starts = range(0, len(self.indices), self.chunk)
+        for start in tqdm(starts, desc=f"{self.sampler.name} tasks", leave=False, disable=not progress):
+            stop = start + self.chunk
+            batch = self.sampler.batch(self.indices[start:stop], self.rotations[start:stop])
+            logits = sum(learner.predict(batch.x_support, batch.y_support, batch.x_query) for learner in learners)
+            results.append((logits.argmax(-1) == batch.y_query).float().mean(1))
+        return torch.cat(results).cpu()
+
+
+def mean_and_ci95(accuracies: torch.Tensor) -> tuple[float, float]:
+    """Mean accuracy and the half-width of its 95% confidence interval (normal approximation)."""
+    n = accuracies.numel()
+    spread = accuracies.double().std().item() if n > 1 else 0.0
+    return accuracies.double().mean().item(), 1.96 * spread / math.sqrt(n)
+
+
+def eval_chunk(cfg: MAMLConfig, budget: int = 2**28) -> int:
+    """Tasks per evaluation batch: as many as keep the first layer's activations under ``budget`` values."""
+    images = cfg.n_way * (cfg.k_shot + cfg.k_query)
+    per_task = images * cfg.num_filters * cfg.image_size ** 2 * 4
+    return max(1, min(cfg.eval_tasks, budget // per_task))
+
+
+class Trainer:
+    """Meta-trains ``MAMLPlusPlus(cfg)`` on ``dataset`` and writes everything to ``out_dir``."""
+
+    def __init__(self, cfg: MAMLConfig, dataset: FewShotDataset, out_dir: str | Path, *,
+                 device: str | torch.device = "cpu", data_root: str | Path | None = None,
+                 keep: int = 5, log_every: int = 10, progress: bool = True):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.keep, self.log_every, self.progress = keep, log_every, progress
+        self.out = Path(out_dir)
+        self.checkpoint_dir = self.out / "checkpoints"
+        self.run = dict(dataset=dataset.name, data_root=str(data_root) if data_root else None)
+        torch.manual_seed(cfg.seed)
+        self.learner = MAMLPlusPlus(cfg).to(self.device)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.meta_lr)
+        self.scheduler = cosine_meta_lr(self.optimizer, cfg)
+        self.train_tasks = dataset.sampler("train", cfg, self.device)
+        chunk = eval_chunk(cfg)
+        self.val_tasks = FixedTasks(dataset.sampler("val", cfg, self.device), cfg.eval_tasks, chunk)
+        self.test_tasks = FixedTasks(dataset.sampler("test", cfg, self.device), cfg.eval_tasks, chunk)
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.history: list[dict] = []  # one entry per epoch: epoch, iteration, val_accuracy, kept
+        self.tensorboard = None
+
+    # -- the run --------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train to the end of the schedule; on Ctrl-C, checkpoint and raise TrainingInterrupted."""
+        cfg, total = self.cfg, total_iterations(self.cfg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._open_tensorboard()
+        started = time.perf_counter() - self.elapsed
+        bar = tqdm(total=total, initial=self.iteration, desc="meta-training", unit="it",
+                   disable=not self.progress, dynamic_ncols=True)
+        with bar, _stop_requests() as stop_requested:
+            while self.iteration < total and not stop_requested():
+                out = self.step()
+                bar.update()
+                self.elapsed = time.perf_counter() - started
+                if self.iteration % self.log_every == 0:
+                    self._log_iteration(out, bar)
+                if self.iteration % cfg.iters_per_epoch == 0:
+                    self._end_epoch(bar)
+        if self.iteration < total:
+            if self.iteration % cfg.iters_per_epoch:  # an epoch's end has just been saved
+                self._save("latest.pt")
+            raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint written to "
+                                      f"{self.checkpoint_dir / 'latest.pt'}; continue with --resume")
+
+    def step(self):
+        """One meta-iteration: a meta-batch, the meta-loss and its gradient, one Adam step."""
+        epoch = self.iteration // self.cfg.iters_per_epoch
+        batch = self.train_tasks.training_batch(self.cfg.seed, self.iteration, self.cfg.meta_batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.learner(batch, epoch)
+        out.loss.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.iteration += 1
+        return out
+
+    def test(self) -> dict:
+        """The paper's protocol on the fixed test tasks: the best model, and the top-k ensemble."""
+        ranked = self.ranked_checkpoints()
+        best = [checkpoints.learner_from(checkpoints.load(ranked[0], self.device), self.device,
+                                         backend=self.cfg.backend)] if ranked else [self.learner.eval()]
+        ensemble = [checkpoints.learner_from(checkpoints.load(path, self.device), self.device,
+                                             backend=self.cfg.backend) for path in ranked] or best
+        test_accuracy, test_ci95 = mean_and_ci95(self.test_tasks.accuracies(best, self.progress))
+        ensemble_accuracy, ensemble_ci95 = mean_and_ci95(self.test_tasks.accuracies(ensemble, self.progress))
+        best_entry = min(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]), default=None)
+        summary = dict(
+            val_accuracy=best_entry and best_entry["val_accuracy"], best_epoch=best_entry and best_entry["epoch"],
+            test_accuracy=test_accuracy, test_ci95=test_ci95,
+            ensemble_test_accuracy=ensemble_accuracy, ensemble_test_ci95=ensemble_ci95,
+            ensemble_size=len(ensemble), test_tasks=self.cfg.eval_tasks,
+            iterations=self.iteration, train_seconds=self.elapsed, device=str(self.device),
+            config=self.cfg.to_dict(), **self.run)
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from ``checkpoints/latest.pt`` exactly where it stopped."""
+        path = self.checkpoint_dir / "latest.pt"
+        payload = checkpoints.load(path, self.device)
+        checkpoints.check_same_run(payload, self.cfg, path)
+        if payload["run"]["dataset"] != self.run["dataset"]:
+            raise checkpoints.CheckpointError(
+                f"checkpoint {path} was trained on {payload['run']['dataset']}, not {self.run['dataset']}")
+        self.learner.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.iteration, self.elapsed, self.history = payload["iteration"], payload["elapsed"], payload["history"]
+        _set_rng_state(payload["rng"])
+        self._truncate_metrics()
+
+    def ranked_checkpoints(self) -> list[Path]:
+        """The kept checkpoints, best validation accuracy first (ties: the earlier epoch)."""
+        kept = sorted((h for h in self.history if h["kept"]), key=lambda h: (-h["val_accuracy"], h["epoch"]))
+        return [self.checkpoint_dir / _epoch_file(h["epoch"]) for h in kept]
+
+    def _save(self, name: str) -> None:
+        checkpoints.save(self.checkpoint_dir / name, dict(
+            config=self.cfg.to_dict(), run=self.run, model=self.learner.state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            iteration=self.iteration, epoch=self.iteration // self.cfg.iters_per_epoch,
+            elapsed=self.elapsed, history=self.history, rng=_rng_state()))
+
+    def _end_epoch(self, bar) -> None:
+        epoch = self.iteration // self.cfg.iters_per_epoch - 1
+        self.learner.eval()
+        accuracy, ci95 = mean_and_ci95(self.val_tasks.accuracies([self.learner]))
+        self.learner.train()
+        self.history.append(dict(epoch=epoch, iteration=self.iteration, val_accuracy=accuracy, kept=False))
+        ranked = sorted(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]))
+        for rank, entry in enumerate(ranked):
+            entry["kept"] = rank < self.keep
+        if self.history[-1]["kept"]:
+            self._save(_epoch_file(epoch))
+        self._save("latest.pt")
+        for entry in ranked[self.keep:]:
+            (self.checkpoint_dir / _epoch_file(entry["epoch"])).unlink(missing_ok=True)
+        self._append_metrics(dict(iteration=self.iteration, epoch=epoch, val_accuracy=accuracy, val_ci95=ci95,
+                                  seconds=self.elapsed))
+        self._write_curves()
+        bar.write(f"epoch {epoch}: validation accuracy {100 * accuracy:.2f}% +- {100 * ci95:.2f}")
+
+    # -- logs -------------------------------------------------------------------------------
+
+    def _log_iteration(self, out, bar) -> None:
+        record = dict(iteration=self.iteration, epoch=(self.iteration - 1) // self.cfg.iters_per_epoch,
+                      loss=out.loss.item(), accuracy=out.accuracy.item(),
+                      meta_lr=float(self.optimizer.param_groups[0]["lr"]), seconds=self.elapsed)
+        self._append_metrics(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", epoch=record["epoch"])
+
+    def _append_metrics(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("iteration", "epoch", "seconds"):
+                    self.tensorboard.add_scalar(key, value, record["iteration"])
+
+    def _truncate_metrics(self) -> None:
+        """Drop records logged after the checkpoint a resumed run starts from."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            records = [line for line in path.read_text().splitlines()
+                       if line and json.loads(line)["iteration"] <= self.iteration]
+            with atomic_open(path) as handle:
+                handle.write("".join(line + "\n" for line in records))
+
+    def _open_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+
+    def _write_curves(self) -> None:
+        from .plots import plot_curves
+        plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+
+def _epoch_file(epoch: int) -> str:
+    return f"epoch-{epoch:03d}.pt"
+
+
+def _rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _stop_requests():
+    """Turn the first Ctrl-C into a request to stop at the next iteration boundary.
+
+    A second Ctrl-C interrupts at once, as usual.
+    """
+    requested = []
+
+    def handler(signum, frame):
+        requested.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)

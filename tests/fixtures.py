@@ -1,0 +1,52 @@
+"""Small data sets generated on the fly in the layouts of the real ones."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _glyph(rng: np.random.Generator, size: int) -> Image.Image:
+    """Black strokes on white, 1 bit, like Omniglot's PNGs."""
+    pixels = np.ones((size, size), dtype=bool)
+    for _ in range(3):
+        row, col = rng.integers(2, size - 2, 2)
+        pixels[row, max(0, col - 6):col + 6] = False
+        pixels[max(0, row - 6):row + 6, col] = False
+    return Image.fromarray(pixels)
+
+
+def make_omniglot(root: Path, alphabets=(("Alpha", 20), ("Beta", 20)), evaluation=(("Gamma", 20),),
+                  images_per_class: int = 4, size: int = 35, zipped: bool = False, seed: int = 0) -> Path:
+    """``root``/images_background and images_evaluation (folders, or zips with ``zipped``)."""
+    rng = np.random.default_rng(seed)
+    for part, letters in (("images_background", alphabets), ("images_evaluation", evaluation)):
+        for alphabet, characters in letters:
+            for c in range(characters):
+                folder = root / part / alphabet / f"character{c + 1:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(images_per_class):
+                    _glyph(rng, size).save(folder / f"{c:04d}_{i + 1:02d}.png")
+        if zipped:
+            with zipfile.ZipFile(root / f"{part}.zip", "w") as archive:
+                for path in sorted((root / part).rglob("*.png")):
+                    archive.write(path, path.relative_to(root).as_posix())
+            shutil.rmtree(root / part)
+    return root
+
+
+def make_mini_imagenet(root: Path, classes=(("train", 6), ("val", 5), ("test", 5)), images_per_class: int = 4,
+                       size: int = 20, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, count in classes:
+        for c in range(count):
+            folder = root / split / f"n{split[:2]}{c:06d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(images_per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}.jpg", quality=90)
+    return root
