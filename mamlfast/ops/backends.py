@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 OP_BACKENDS = ("torch", "triton", "cuda")
@@ -11,18 +14,48 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name where it cannot run."""
 
 
+def interpreting_triton() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors (slowly): for tests without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"Triton is not installed ({error})"
+    return None
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run the ops on tensors on ``device``, else why it cannot."""
     if backend == "torch":
         return None
-    if backend in OP_BACKENDS:
-        return "not implemented in this version of mamlfast"
+    if backend == "triton":
+        if _triton_import_error():
+            return _triton_import_error()
+        if device.type != "cuda" and not interpreting_triton():
+            return f"Triton kernels need CUDA tensors, got {device.type} ones (TRITON_INTERPRET=1 runs them on the CPU)"
+        return None
+    if backend == "cuda":
+        from .cuda_extension import load_error
+        if load_error():
+            return load_error()
+        if device.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors, got {device.type} ones"
+        return None
     return f"unknown backend {backend!r}; choose one of auto, {', '.join(OP_BACKENDS)}"
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The op backend that runs for ``backend`` on ``device``: ``auto`` takes the fastest usable."""
+    """The op backend that runs for ``backend`` on ``device``: ``auto`` takes the fastest usable.
+
+    ``auto`` uses compiled kernels on GPUs only; on the CPU it is always ``torch``.
+    """
     if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
         return next(name for name in ("cuda", "triton", "torch") if unavailable_reason(name, device) is None)
     reason = unavailable_reason(backend, device)
     if reason is not None:

@@ -9,8 +9,12 @@ call, towards the mean over tasks of the per-task batch mean and unbiased varian
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .backends import resolve
 
@@ -75,4 +79,73 @@ def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training,
     return out
 
 
-_IMPLEMENTATIONS = {"torch": _torch_task_batch_norm}
+def _fused_task_batch_norm(backend, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Batch-statistics normalisation by ``backend``'s kernels (``batch_norm_<backend>.py``).
+
+    Normalising with fixed running statistics is one affine map: the torch path does it.
+    """
+    if not training:
+        return _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    kernels = importlib.import_module(f".batch_norm_{backend}", __package__)
+    out, mean, var = _TaskBatchNorm.apply(x.contiguous(), weight, bias, eps, kernels)
+    if running_mean is not None:
+        values = x.numel() // x.shape[1]
+        with torch.no_grad():
+            # [B*C] -> [B, C] -> mean over tasks [C]; the running variance is unbiased
+            running_mean.lerp_(mean.view(-1, weight.shape[0]).mean(0).to(running_mean), momentum)
+            unbiased = var.view(-1, weight.shape[0]).mean(0) * (values / max(values - 1, 1))
+            running_var.lerp_(unbiased.to(running_var), momentum)
+    return out
+
+
+class _TaskBatchNorm(torch.autograd.Function):
+    """Fused forward; its backward is itself differentiable (``_TaskBatchNormBackward``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, kernels):
+        out, mean, var, rstd = kernels.forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.kernels = kernels
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _TaskBatchNormBackward.apply(
+            grad_out.contiguous(), x, weight, mean, rstd, ctx.kernels)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+class _TaskBatchNormBackward(torch.autograd.Function):
+    """The backward as an op of (grad_out, x, weight); mean and rstd are functions of x that
+    the double-backward formulas differentiate analytically, so they get no gradient here."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, mean, rstd, kernels):
+        grad_x, grad_weight, grad_bias = kernels.backward(grad_out, x, weight, mean, rstd)
+        ctx.save_for_backward(grad_out, x, weight, mean, rstd)
+        ctx.kernels = kernels
+        channels = weight.shape[0]
+        # per (task, channel) [B*C] -> summed over tasks [C]
+        return (grad_x, grad_weight.view(-1, channels).sum(0).to(weight.dtype),
+                grad_bias.view(-1, channels).sum(0).to(weight.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_x, gg_weight, gg_bias):
+        grad_out, x, weight, mean, rstd = ctx.saved_tensors
+        gg_x = torch.zeros_like(x) if gg_x is None else gg_x.contiguous()
+        gg_weight = torch.zeros_like(weight) if gg_weight is None else gg_weight
+        gg_bias = torch.zeros_like(weight) if gg_bias is None else gg_bias
+        grad_grad_out, grad_x, grad_weight = ctx.kernels.double_backward(
+            grad_out, x, weight, mean, rstd, gg_x, gg_weight.contiguous(), gg_bias.contiguous())
+        grad_weight = grad_weight.view(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        return grad_grad_out, grad_x, grad_weight, None, None, None
+
+
+_IMPLEMENTATIONS = {
+    "torch": _torch_task_batch_norm,
+    "triton": functools.partial(_fused_task_batch_norm, "triton"),
+    "cuda": functools.partial(_fused_task_batch_norm, "cuda"),
+}

@@ -11,6 +11,9 @@ differentiable in ``params``, ``grads`` and ``lrs``.
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 
 from .backends import resolve
@@ -50,4 +53,52 @@ def _torch_lslr_update(params, grads, lrs, segment_ids):
     return params - lrs[segment_ids] * grads
 
 
-_IMPLEMENTATIONS = {"torch": _torch_lslr_update}
+def _fused_lslr_update(backend, params, grads, lrs, segment_ids):
+    """The update by ``backend``'s kernels (``lslr_<backend>.py``), as out = params + (-lrs)[seg] * grads."""
+    kernels = importlib.import_module(f".lslr_{backend}", __package__)
+    return _SegmentAxpy.apply(grads, -lrs, params, segment_ids, kernels)
+
+
+class _SegmentAxpy(torch.autograd.Function):
+    """out = base + s[segment] * x, with ``base`` optional. Its derivatives are again
+    segment_axpy and segment_dot, so it is differentiable to any order."""
+
+    @staticmethod
+    def forward(ctx, x, s, base, segment, kernels):
+        ctx.save_for_backward(x, s, segment)
+        ctx.kernels, ctx.has_base = kernels, base is not None
+        return kernels.segment_axpy(x.contiguous(), s.contiguous(), segment,
+                                    None if base is None else base.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, s, segment = ctx.saved_tensors
+        needs_x, needs_s, needs_base = ctx.needs_input_grad[:3]
+        grad_x = _SegmentAxpy.apply(grad_out, s, None, segment, ctx.kernels) if needs_x else None
+        grad_s = _SegmentDot.apply(grad_out, x, segment, s.shape[0], ctx.kernels) if needs_s else None
+        return grad_x, grad_s, grad_out if needs_base and ctx.has_base else None, None, None
+
+
+class _SegmentDot(torch.autograd.Function):
+    """out[t] = sum of x * y over all rows and the columns of segment t: [T]."""
+
+    @staticmethod
+    def forward(ctx, x, y, segment, segments, kernels):
+        ctx.save_for_backward(x, y, segment)
+        ctx.kernels = kernels
+        return kernels.segment_dot(x.contiguous(), y.contiguous(), segment, segments)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, y, segment = ctx.saved_tensors
+        needs_x, needs_y = ctx.needs_input_grad[:2]
+        grad_x = _SegmentAxpy.apply(y, grad_out, None, segment, ctx.kernels) if needs_x else None
+        grad_y = _SegmentAxpy.apply(x, grad_out, None, segment, ctx.kernels) if needs_y else None
+        return grad_x, grad_y, None, None, None
+
+
+_IMPLEMENTATIONS = {
+    "torch": _torch_lslr_update,
+    "triton": functools.partial(_fused_lslr_update, "triton"),
+    "cuda": functools.partial(_fused_lslr_update, "cuda"),
+}

@@ -1,0 +1,150 @@
+"""Time of each hot op (forward, backward, double backward) per backend, and its bandwidth.
+
+Shapes are those of a meta-batch's support forward: the activations entering each stage's
+batch norm, [N*K, B*F, H, W], and the flat [B, P] buffer of the LSLR update. Every phase is
+timed through autograd, as the learner runs it. Achieved bandwidth counts the bytes each
+phase must move at least, and is compared with a device-to-device copy measured in the
+same run.
+
+    python benchmarks/kernels.py --presets omniglot-20w1s,mini-imagenet-5w1s --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import mamlfast  # noqa: E402
+from mamlfast import ops  # noqa: E402
+from mamlfast.files import write_json  # noqa: E402
+from timing import device_name, median, time_interleaved  # noqa: E402
+
+# tensors of the activations' size each phase reads or writes, at least
+BN_TRAFFIC = {"forward": 2, "backward": 3, "double backward": 5}
+LSLR_TRAFFIC = {"forward": 3, "backward": 3}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="omniglot-20w1s,mini-imagenet-5w1s")
+    parser.add_argument("--backends", default="torch,triton,cuda")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    return parser.parse_args(argv)
+
+
+def batch_norm_shapes(cfg: mamlfast.MAMLConfig) -> list[tuple[int, int, int, int]]:
+    """[N*K, B*F, H, W] entering each stage's batch norm in the support forward."""
+    shapes, size = [], cfg.image_size
+    for _ in range(cfg.num_stages):
+        shapes.append((cfg.n_way * cfg.k_shot, cfg.meta_batch_size * cfg.num_filters, size, size))
+        size //= 2
+    return shapes
+
+
+def batch_norm_phases(backend, shape, channels, device):
+    """Callables running the forward, backward and double backward of one batch norm."""
+    g = torch.Generator().manual_seed(0)
+
+    def tensor(*size):
+        return torch.randn(*size, generator=g).to(device)
+
+    x, weight, bias = tensor(*shape).requires_grad_(), (tensor(channels) + 2).requires_grad_(), tensor(channels)
+    bias.requires_grad_()
+    upstream = tensor(*shape).requires_grad_()
+    out = ops.task_batch_norm(x, weight, bias, backend=backend)
+    first = torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
+    second_upstream = [tensor(*t.shape) for t in first]
+    return {
+        "forward": lambda: ops.task_batch_norm(x, weight, bias, backend=backend),
+        "backward": lambda: torch.autograd.grad(out, (x, weight, bias), upstream, retain_graph=True),
+        "double backward": lambda: torch.autograd.grad(first, (x, weight, upstream), second_upstream,
+                                                       retain_graph=True, allow_unused=True),
+    }
+
+
+def lslr_phases(backend, learner, tasks, device):
+    sizes = [p.numel() for p in learner.net.adapted_parameters().values()]
+    segments = ops.segment_ids_for(sizes, device)
+    g = torch.Generator().manual_seed(0)
+    params, grads = (torch.randn(tasks, sum(sizes), generator=g).to(device).requires_grad_() for _ in range(2))
+    lrs = torch.rand(len(sizes), generator=g).to(device).requires_grad_()
+    out = ops.lslr_update(params, grads, lrs, segments, backend=backend)
+    upstream = torch.randn_like(out)
+    return {
+        "forward": lambda: ops.lslr_update(params, grads, lrs, segments, backend=backend),
+        "backward": lambda: torch.autograd.grad(out, (params, grads, lrs), upstream, retain_graph=True),
+    }, params.numel()
+
+
+def copy_ms(numel, device, repeats, warmup):
+    source = torch.randn(numel, device=device)
+    target = torch.empty_like(source)
+    return median(time_interleaved({"copy": lambda: target.copy_(source)}, device, repeats, warmup)["copy"])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    availability = ops.availability(device)
+    backends = [b for b in args.backends.split(",") if availability[b] is None]
+    for b in args.backends.split(","):
+        if availability[b] is not None:
+            print(f"skipping {b}: {availability[b]}")
+    rows = []
+    for preset in args.presets.split(","):
+        cfg = mamlfast.MAMLConfig.preset(preset)
+        cases = [(f"batch norm {list(shape)}", BN_TRAFFIC, shape[0] * shape[1] * shape[2] * shape[3],
+                  {b: batch_norm_phases(b, shape, cfg.num_filters, device) for b in backends})
+                 for shape in batch_norm_shapes(cfg)]
+        learner = mamlfast.MAMLPlusPlus(cfg)
+        lslr = {b: lslr_phases(b, learner, cfg.meta_batch_size, device) for b in backends}
+        numel = next(iter(lslr.values()))[1]
+        cases.append((f"lslr update [{cfg.meta_batch_size}, {numel // cfg.meta_batch_size}]", LSLR_TRAFFIC, numel,
+                      {b: phases for b, (phases, _) in lslr.items()}))
+        for op, traffic, numel, per_backend in cases:
+            copy = copy_ms(numel, device, args.repeats, args.warmup)
+            copy_bandwidth = 2 * numel * 4 / copy / 1e6  # GB/s: read and write of float32
+            for phase, tensors in traffic.items():
+                calls = {b: phases[phase] for b, phases in per_backend.items()}
+                times = time_interleaved(calls, device, args.repeats, args.warmup)
+                for backend, values in times.items():
+                    ms = median(values)
+                    bandwidth = tensors * numel * 4 / ms / 1e6
+                    rows.append(dict(preset=preset, op=op, phase=phase, backend=backend, median_ms=ms,
+                                     gb_per_s=bandwidth, fraction_of_copy=bandwidth / copy_bandwidth,
+                                     speedup_over_torch=median(times["torch"]) / ms if "torch" in times else None))
+    result = dict(device=device_name(device), torch=torch.__version__, triton=_triton_version(),
+                  repeats=args.repeats, rows=rows)
+    print_table(result)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def print_table(result: dict) -> None:
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, median of {result['repeats']}")
+    print(f"{'preset':<19} {'op':<34} {'phase':<16} {'backend':<7} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'vs torch':>9}")
+    for r in result["rows"]:
+        speedup = f"{r['speedup_over_torch']:.2f}x" if r["speedup_over_torch"] else ""
+        print(f"{r['preset']:<19} {r['op']:<34} {r['phase']:<16} {r['backend']:<7} {r['median_ms']:>8.3f} "
+              f"{r['gb_per_s']:>7.1f} {r['fraction_of_copy']:>7.0%} {speedup:>9}")
+
+
+if __name__ == "__main__":
+    main()

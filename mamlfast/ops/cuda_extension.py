@@ -1,0 +1,53 @@
+"""Loading the compiled extension ``mamlfast._C`` (built from csrc/ where CUDA is present)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def load_error() -> str | None:
+    """None if the extension loaded, else why not, in words a user can act on."""
+    try:
+        from .. import _C  # noqa: F401
+    except ImportError as error:
+        if "No module named" in str(error):
+            return ("the CUDA extension is not built (mamlfast._C is missing: reinstall mamlfast where "
+                    "a CUDA toolkit and a CUDA build of torch are present)")
+        return f"the CUDA extension did not load, likely built for another torch ({error})"
+    _register_fakes()
+    return None
+
+
+def require() -> None:
+    error = load_error()
+    if error:
+        raise ImportError(error)
+
+
+def _register_fakes() -> None:
+    """Shapes of each op's outputs for meta tensors, so torch.library.opcheck and compilers can trace them."""
+    def statistics(x):
+        return x.new_empty(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    @torch.library.register_fake("mamlfast::batch_norm_forward")
+    def _(x, weight, bias, eps):
+        return torch.empty_like(x), statistics(x), statistics(x), statistics(x)
+
+    @torch.library.register_fake("mamlfast::batch_norm_backward")
+    def _(grad_out, x, weight, mean, rstd):
+        return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+
+    @torch.library.register_fake("mamlfast::batch_norm_double_backward")
+    def _(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias):
+        return torch.empty_like(x), torch.empty_like(x), torch.empty_like(mean)
+
+    @torch.library.register_fake("mamlfast::segment_axpy")
+    def _(x, s, segment, base):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mamlfast::segment_dot")
+    def _(x, y, segment, segments):
+        return x.new_empty(segments)
