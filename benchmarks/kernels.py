@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mamlfast  # noqa: E402
 from mamlfast import ops  # noqa: E402
 from mamlfast.files import write_json  # noqa: E402
-from timing import device_name, median, time_interleaved  # noqa: E402
+from timing import device_name, median, time_interleaved, versions  # noqa: E402
 
 # tensors of the activations' size each phase reads or writes, at least
 BN_TRAFFIC = {"forward": 2, "backward": 3, "double backward": 5}
@@ -121,20 +121,12 @@ def main(argv=None) -> dict:
                     rows.append(dict(preset=preset, op=op, phase=phase, backend=backend, median_ms=ms,
                                      gb_per_s=bandwidth, fraction_of_copy=bandwidth / copy_bandwidth,
                                      speedup_over_torch=median(times["torch"]) / ms if "torch" in times else None))
-    result = dict(device=device_name(device), torch=torch.__version__, triton=_triton_version(),
+    result = dict(device=device_name(device), **versions(),
                   repeats=args.repeats, rows=rows)
     print_table(result)
     if args.json:
         write_json(args.json, result)
     return result
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 def print_table(result: dict) -> None:

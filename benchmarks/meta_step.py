@@ -1,10 +1,13 @@
 """Milliseconds and peak memory of one meta-iteration, per backend, with the ratio to ``loop``.
 
-A meta-iteration is what training repeats: forward (inner loops and meta-loss), outer
-backward, and the Adam step. All backends are timed in one run, taking turns after a
-warm-up, and each is reported as the median of its repetitions.
+A meta-iteration is what training repeats (``mamlfast.step.MetaStep``): forward (inner loops
+and meta-loss), outer backward, and the Adam step. All configurations are timed in one run,
+taking turns after a warm-up, and each is reported as the median of its repetitions. A
+configuration is a backend, with ``+graphs`` to replay the iteration from a CUDA graph.
+Peak memory is measured for each configuration in a fresh process of its own: the most
+memory (GPU: allocated by torch; CPU: resident) held above what the model and batch need.
 
-    python benchmarks/meta_step.py --preset omniglot-20w1s --backends loop,torch --json out.json
+    python benchmarks/meta_step.py --preset omniglot-20w1s --backends loop,torch,auto,auto+graphs --json out.json
 """
 
 from __future__ import annotations
@@ -20,35 +23,38 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mamlfast  # noqa: E402
 from mamlfast.files import write_json  # noqa: E402
-from timing import device_name, median, peak_cuda_memory, time_interleaved  # noqa: E402
+from mamlfast.step import MetaStep, make_optimizer  # noqa: E402
+from timing import device_name, median, time_interleaved, versions  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="omniglot-20w1s")
     parser.add_argument("--variant", default="maml++")
-    parser.add_argument("--backends", default="loop,torch", help="comma-separated; loop is always added")
+    parser.add_argument("--backends", default="loop,torch", help="comma-separated, each optionally +graphs; "
+                                                                 "loop is always added")
     parser.add_argument("--epoch", type=int, default=50, help="sets MSL weights and derivative order (50: second order)")
     parser.add_argument("--tasks", type=int, default=None, help="meta-batch size (default: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="at least 3 for +graphs: 2 eager, then the capture")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def build(args, backend: str):
-    """A learner on ``backend``, its optimizer, and a fixed random meta-batch."""
-    overrides = dict(backend=backend)
+def build(args, configuration: str):
+    """A meta-iteration of ``configuration`` ("backend" or "backend+graphs") on a fixed random meta-batch."""
+    backend, _, graphs = configuration.partition("+")
+    overrides = dict(backend=backend, cuda_graphs=graphs == "graphs")
     if args.tasks:
         overrides["meta_batch_size"] = args.tasks
     cfg = mamlfast.MAMLConfig.preset(args.preset, args.variant, **overrides)
     device = torch.device(args.device)
     torch.manual_seed(0)
     learner = mamlfast.MAMLPlusPlus(cfg).to(device)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
+    meta_step = MetaStep(learner, make_optimizer(learner, cfg, device), cfg, device)
     generator = torch.Generator().manual_seed(0)
 
     def split(per_class):
@@ -58,35 +64,39 @@ def build(args, backend: str):
         return x.to(device), y.to(device)
 
     batch = mamlfast.TaskBatch(*split(cfg.k_shot), *split(cfg.k_query))
-
-    def meta_iteration():
-        optimizer.zero_grad(set_to_none=True)
-        learner(batch, args.epoch).loss.backward()
-        optimizer.step()
-
-    return cfg, meta_iteration
+    return cfg, lambda: meta_step(batch, args.epoch)
 
 
-def cpu_peak_memory(args, backend: str) -> int:
-    """Peak resident memory a meta-iteration adds, measured in a fresh process of its own."""
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", backend,
-               "--preset", args.preset, "--variant", args.variant, "--epoch", str(args.epoch), "--device", "cpu"]
-    if args.tasks:
-        command += ["--tasks", str(args.tasks)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
+def peak_memory(args, configuration: str) -> int:
+    """Peak memory of ``configuration``'s meta-iterations, measured in a fresh process of its own."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", configuration, "--preset", args.preset,
+               "--variant", args.variant, "--epoch", str(args.epoch), "--device", args.device,
+               "--warmup", str(args.warmup)]
+    for option, value in (("--tasks", args.tasks), ("--threads", args.threads)):
+        if value:
+            command += [option, str(value)]
     return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
 def memory_probe(args) -> None:
     _, meta_iteration = build(args, args.memory_probe)
-    # Writing 5 to clear_refs resets the resident-memory high-water mark to the current size.
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    resident_before = _proc_status_bytes("VmRSS")
-    meta_iteration()
-    meta_iteration()
-    print(_proc_status_bytes("VmHWM") - resident_before)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        # Writing 5 to clear_refs resets the resident-memory high-water mark to the current size.
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        before = _proc_status_bytes("VmRSS")
+    for _ in range(args.warmup + 2):
+        meta_iteration()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        print(torch.cuda.max_memory_allocated(device) - before)
+    else:
+        print(_proc_status_bytes("VmHWM") - before)
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -103,20 +113,22 @@ def main(argv=None) -> dict:
         memory_probe(args)
         return {}
     device = torch.device(args.device)
-    backends = ["loop"] + [b for b in args.backends.split(",") if b and b != "loop"]
-    built = {backend: build(args, backend) for backend in backends}
-    cfg = next(iter(built.values()))[0]
-    times = time_interleaved({b: fn for b, (_, fn) in built.items()}, device, args.repeats, args.warmup)
+    configurations = ["loop"] + [c for c in args.backends.split(",") if c and c != "loop"]
+    built = {c: build(args, c) for c in configurations}
+    cfg = built["loop"][0]
+    times = time_interleaved({c: fn for c, (_, fn) in built.items()}, device, args.repeats, args.warmup)
+    loop_ms = median(times["loop"])
     rows = []
-    for backend, (_, fn) in built.items():
-        ms = median(times[backend])
-        peak = peak_cuda_memory(fn, device) if device.type == "cuda" else cpu_peak_memory(args, backend)
-        rows.append(dict(preset=args.preset, variant=args.variant, backend=backend, epoch=args.epoch,
-                         tasks=cfg.meta_batch_size, median_ms=ms, tasks_per_second=cfg.meta_batch_size / ms * 1e3,
-                         peak_memory_mb=peak / 2**20, speedup_over_loop=median(times["loop"]) / ms,
-                         all_ms=times[backend]))
-    result = dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                  repeats=args.repeats, warmup=args.warmup, rows=rows)
+    for configuration in configurations:
+        backend, _, graphs = configuration.partition("+")
+        ms = median(times[configuration])
+        rows.append(dict(preset=args.preset, variant=args.variant, backend=backend, graphs=graphs == "graphs",
+                         epoch=args.epoch, tasks=cfg.meta_batch_size, median_ms=ms,
+                         tasks_per_second=cfg.meta_batch_size / ms * 1e3,
+                         peak_memory_mb=peak_memory(args, configuration) / 2**20,
+                         speedup_over_loop=loop_ms / ms, all_ms=times[configuration]))
+    result = dict(device=device_name(device), **versions(),
+                  threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup, rows=rows)
     print_table(result)
     if args.json:
         write_json(args.json, result)
@@ -124,12 +136,12 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads, "
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['threads']} CPU threads, "
           f"median of {result['repeats']} after {result['warmup']} warm-up")
-    print(f"{'preset':<20} {'backend':<8} {'ms/iter':>10} {'tasks/s':>9} {'peak MiB':>9} {'vs loop':>8}")
+    print(f"{'preset':<20} {'backend':<8} {'graphs':<6} {'ms/iter':>9} {'tasks/s':>9} {'peak MiB':>9} {'vs loop':>8}")
     for row in result["rows"]:
-        print(f"{row['preset']:<20} {row['backend']:<8} {row['median_ms']:>10.1f} {row['tasks_per_second']:>9.1f} "
-              f"{row['peak_memory_mb']:>9.0f} {row['speedup_over_loop']:>7.2f}x")
+        print(f"{row['preset']:<20} {row['backend']:<8} {'yes' if row['graphs'] else 'no':<6} {row['median_ms']:>9.2f} "
+              f"{row['tasks_per_second']:>9.1f} {row['peak_memory_mb']:>9.0f} {row['speedup_over_loop']:>7.2f}x")
 
 
 if __name__ == "__main__":

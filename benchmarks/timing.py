@@ -1,4 +1,4 @@
-"""Shared measurement helpers: interleaved repetitions, medians, device names, peak memory."""
+"""Shared measurement helpers: interleaved repetitions, medians, device names, versions."""
 
 from __future__ import annotations
 
@@ -51,11 +51,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def peak_cuda_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated on the GPU during one call, above what was allocated before it."""
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+def versions() -> dict:
+    """The torch and Triton versions, for the record of a run."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(torch=torch.__version__, triton=triton_version)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from . import ops, reference
 from .config import MAMLConfig
 from .model import Backbone, InnerLearningRates, fold_tasks
-from .schedules import msl_weights, use_second_order
+from .schedules import msl_weights, query_steps, use_second_order
 from .tasks import MetaOutput, TaskBatch, check_tasks
 
 
@@ -38,25 +38,31 @@ class MAMLPlusPlus(nn.Module):
         mode, each forward moves the batch-norm running statistics of the step it used.
         """
         batch.check(self.cfg)
-        if self.cfg.backend == "loop":
-            return reference.meta_forward(self, batch, epoch)
-        return self.meta_forward(batch, msl_weights(self.cfg, epoch), use_second_order(self.cfg, epoch))
+        weights = msl_weights(self.cfg, epoch)
+        return self.meta_forward(batch, weights, query_steps(weights), use_second_order(self.cfg, epoch))
 
-    def meta_forward(self, batch: TaskBatch, loss_weights: list[float], second_order: bool) -> MetaOutput:
-        """The task-batched meta-forward for given MSL weights [S] and derivative order, unchecked."""
+    def meta_forward(self, batch: TaskBatch, loss_weights, query_steps: tuple[int, ...],
+                     second_order: bool) -> MetaOutput:
+        """The meta-forward, unchecked; on the task-batched path free of host synchronisation.
+
+        ``loss_weights`` [S] (floats, or a tensor that may change between CUDA-graph replays)
+        weigh the query losses after the inner steps ``query_steps``; the others are skipped.
+        """
+        if self.cfg.backend == "loop":
+            return reference.meta_forward(self, batch, [float(w) for w in loss_weights], second_order)
         x_support, x_query = fold_tasks(batch.x_support), fold_tasks(batch.x_query)
         flat = self.net.flat_parameters(batch.num_tasks)
         rates = self.inner_lrs.stacked()
         meta_loss = 0.0
         per_step_losses = flat.new_full((self.cfg.inner_steps,), float("nan")).detach()
-        for step, weight in enumerate(loss_weights):
+        for step in range(self.cfg.inner_steps):
             flat = self._inner_step(flat, x_support, batch.y_support, step, rates,
                                     create_graph=second_order, use_running_stats=False)
-            if weight == 0:
+            if step not in query_steps:
                 continue
             logits = self._logits(flat, x_query, step, use_running_stats=False)
             loss = F.cross_entropy(logits.flatten(0, 1), batch.y_query.flatten())
-            meta_loss = meta_loss + weight * loss
+            meta_loss = meta_loss + loss_weights[step] * loss
             per_step_losses[step] = loss.detach()
         accuracy = (logits.argmax(-1) == batch.y_query).float().mean()
         return MetaOutput(meta_loss, accuracy, per_step_losses)

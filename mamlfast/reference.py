@@ -14,14 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from .model import LEAKY_RELU_SLOPE, Backbone, PerStepBatchNorm
-from .schedules import msl_weights, use_second_order
 from .tasks import MetaOutput, TaskBatch
 
 
-def meta_forward(learner, batch: TaskBatch, epoch: int) -> MetaOutput:
+def meta_forward(learner, batch: TaskBatch, weights: list[float], second_order: bool) -> MetaOutput:
+    """Meta-loss of ``batch`` with query-loss weights [S] (MSL) and the given derivative order."""
     cfg, net = learner.cfg, learner.net
-    weights = msl_weights(cfg, epoch)
-    second_order = use_second_order(cfg, epoch)
     stats = _StatisticsLog() if learner.training else None
     task_losses, accuracies, query_losses = [], [], defaultdict(list)
     for task in range(batch.num_tasks):

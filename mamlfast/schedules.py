@@ -24,6 +24,11 @@ def msl_weights(cfg: MAMLConfig, epoch: int) -> list[float]:
     return earlier + [final]
 
 
+def query_steps(weights: list[float]) -> tuple[int, ...]:
+    """The inner steps whose query loss enters the meta-loss: those of non-zero weight."""
+    return tuple(step for step, weight in enumerate(weights) if weight > 0)
+
+
 def use_second_order(cfg: MAMLConfig, epoch: int) -> bool:
     """DA: differentiate through the inner gradients once ``first_order_epochs`` have passed."""
     return cfg.second_order and epoch >= cfg.first_order_epochs

@@ -28,6 +28,7 @@ from .data import FewShotDataset, TaskSampler
 from .files import atomic_open, write_json
 from .learner import MAMLPlusPlus
 from .schedules import cosine_meta_lr, total_iterations
+from .step import MetaStep, make_optimizer, match_optimizer_to_device
 
 
 class TrainingInterrupted(Exception):
@@ -80,8 +81,9 @@ class Trainer:
         self.run = dict(dataset=dataset.name, data_root=str(data_root) if data_root else None)
         torch.manual_seed(cfg.seed)
         self.learner = MAMLPlusPlus(cfg).to(self.device)
-        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.meta_lr)
+        self.optimizer = make_optimizer(self.learner, cfg, self.device)
         self.scheduler = cosine_meta_lr(self.optimizer, cfg)
+        self.meta_step = MetaStep(self.learner, self.optimizer, cfg, self.device)
         self.train_tasks = dataset.sampler("train", cfg, self.device)
         chunk = eval_chunk(cfg)
         self.val_tasks = FixedTasks(dataset.sampler("val", cfg, self.device), cfg.eval_tasks, chunk)
@@ -120,12 +122,7 @@ class Trainer:
         """One meta-iteration: a meta-batch, the meta-loss and its gradient, one Adam step."""
         epoch = self.iteration // self.cfg.iters_per_epoch
         batch = self.train_tasks.training_batch(self.cfg.seed, self.iteration, self.cfg.meta_batch_size)
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.learner(batch, epoch)
-        out.loss.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        out = self.meta_step(batch, epoch)
         self.scheduler.step()
         self.iteration += 1
         return out
@@ -162,6 +159,7 @@ class Trainer:
                 f"checkpoint {path} was trained on {payload['run']['dataset']}, not {self.run['dataset']}")
         self.learner.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        match_optimizer_to_device(self.optimizer, self.device)
         self.scheduler.load_state_dict(payload["scheduler"])
         self.iteration, self.elapsed, self.history = payload["iteration"], payload["elapsed"], payload["history"]
         _set_rng_state(payload["rng"])

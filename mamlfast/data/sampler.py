@@ -66,7 +66,7 @@ class TaskSampler:
 
     def batch(self, indices: torch.Tensor, rotations: torch.Tensor) -> TaskBatch:
         """The tasks of ``draw``'s indices and rotations, normalised, on the sampler's device."""
-        indices, rotations = indices.to(self.device), rotations.to(self.device)
+        indices, rotations = self._to_device(indices), self._to_device(rotations)
         tasks, ways, per_class = indices.shape
         x = (self.images[indices].float() / 255 - self.mean) / self.std  # [B, N, K+Q, C, H, W]
         if self.rotate:
@@ -81,6 +81,12 @@ class TaskSampler:
 
         k = self.k_shot
         return TaskBatch(part(x, 0, k), part(labels, 0, k), part(x, k, per_class), part(labels, k, per_class))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host indices to the device without waiting for the work queued there."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def training_batch(self, seed: int, iteration: int, num_tasks: int, tasks: slice = slice(None)) -> TaskBatch:
         """Meta-batch ``iteration`` of the run seeded ``seed``, or the slice ``tasks`` of it."""

@@ -1,0 +1,65 @@
+"""MetaStep: the eager meta-iteration is the learner's, and a captured one replays it exactly."""
+
+import logging
+
+import pytest
+import torch
+
+import mamlfast
+from conftest import DEVICE, perturbed_learner, random_batch
+from mamlfast.step import MetaStep, make_optimizer
+
+gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+
+
+def _run(cfg, learner, batches, epochs, device):
+    learner = learner.to(device)
+    step = MetaStep(learner, make_optimizer(learner, cfg, torch.device(device)), cfg, torch.device(device))
+    losses = [step(batch.to(device), epoch).loss.item() for batch, epoch in zip(batches, epochs)]
+    return learner, losses, step
+
+
+def test_eager_step_is_forward_backward_clip_and_adam(small_cfg):
+    cfg = small_cfg.replace(backend="torch", grad_clip=0.01)
+    learner = perturbed_learner(cfg, dtype=torch.float32)
+    batch = random_batch(cfg, 3, dtype=torch.float32)
+    expected = perturbed_learner(cfg, dtype=torch.float32)
+    optimizer = torch.optim.Adam(expected.parameters(), lr=cfg.meta_lr)
+    loss = expected(batch, 2).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(expected.parameters(), 0.01)
+    optimizer.step()
+
+    stepped, losses, _ = _run(cfg, learner, [batch], [2], "cpu")
+    assert losses[0] == pytest.approx(loss.item())
+    for (name, p), q in zip(stepped.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_graphs_fall_back_to_eager_on_the_cpu_and_say_why(small_cfg, caplog):
+    with caplog.at_level(logging.INFO, logger="mamlfast.step"):
+        _, _, step = _run(small_cfg.replace(cuda_graphs=True), perturbed_learner(small_cfg, dtype=torch.float32),
+                          [random_batch(small_cfg, 2, dtype=torch.float32)], [0], "cpu")
+    assert not step.graphs
+    assert "CUDA graphs need a CUDA device" in caplog.text
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_captured_steps_equal_eager_steps(small_cfg, backend):
+    """Twelve iterations across both phase switches (MSL ends, second order begins), each phase
+    warmed up for two iterations and captured anew: the same losses and parameters as eager."""
+    cfg = small_cfg.replace(backend=backend, msl_epochs=1, first_order_epochs=2, grad_clip=5.0)
+    batches = [random_batch(cfg, 3, dtype=torch.float32, seed=i) for i in range(12)]
+    epochs = [0] * 4 + [1] * 4 + [2] * 4
+    results = {}
+    for graphs in (False, True):
+        learner = perturbed_learner(cfg, dtype=torch.float32)
+        results[graphs] = _run(cfg.replace(cuda_graphs=graphs), learner, batches, epochs, DEVICE)
+    (eager, eager_losses, _), (captured, captured_losses, step) = results[False], results[True]
+    assert step.graphs and step.graph is not None
+    assert captured_losses == pytest.approx(eager_losses, rel=1e-5)
+    for (name, p), q in zip(captured.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, b), c in zip(captured.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
