@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoints, ops
+from . import __version__, checkpoints, distributed, ops
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
 from .data import DATASETS, load_dataset
 from .train import FixedTasks, Trainer, TrainingInterrupted, eval_chunk, mean_and_ci95
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep", type=int, default=5, help="best checkpoints kept, and the test ensemble's size")
     train.add_argument("--log-every", type=int, default=10, help="iterations between metrics records")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--stop-at", type=int, default=None, metavar="ITERATION",
+                       help="stop at this iteration as on Ctrl-C (checkpoint; continue with --resume)")
+    train.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="under torchrun: how long a rank waits for the others before giving up")
     fields = train.add_argument_group("MAMLConfig fields (override the preset)")
     for field in dataclasses.fields(MAMLConfig):
         _add_field_option(fields, field)
@@ -82,10 +86,12 @@ def _field_overrides(args) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(MAMLConfig) if getattr(args, f.name) is not None}
 
 
-def _device(requested: str | None) -> torch.device:
+def _device(requested: str | None, ranks: distributed.Ranks = distributed.Ranks()) -> torch.device:
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
     return device
 
 
@@ -108,18 +114,22 @@ def run_train(args) -> int:
             raise ValueError(f"{out} already holds a run ({latest}); pass --resume to continue it, "
                              f"or choose another --out")
         cfg = MAMLConfig.preset(preset, variant, **overrides)
-    device = _device(args.device)
-    progress = not args.no_progress
+    ranks = distributed.from_environment(cfg.meta_batch_size, args.dist_timeout)
+    device = _device(args.device, ranks)
+    progress = not args.no_progress and ranks.is_main
     dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress))
     trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, keep=args.keep,
-                      log_every=args.log_every, progress=progress)
+                      log_every=args.log_every, progress=progress, ranks=ranks)
     if args.resume:
         trainer.resume()
-    print(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
-          f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}; writing to {out}")
-    trainer.fit()
+    say = print if ranks.is_main else (lambda *_: None)
+    say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
+        f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
+        f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
+    trainer.fit(stop_at=args.stop_at)
     summary = trainer.test()
-    print(f"test accuracy {100 * summary['test_accuracy']:.2f}% +- {100 * summary['test_ci95']:.2f} "
+    ranks.barrier()  # no rank leaves the process group while another still uses it
+    say(f"test accuracy {100 * summary['test_accuracy']:.2f}% +- {100 * summary['test_ci95']:.2f} "
           f"(best model, epoch {summary['best_epoch']}); ensemble of {summary['ensemble_size']}: "
           f"{100 * summary['ensemble_test_accuracy']:.2f}% +- {100 * summary['ensemble_test_ci95']:.2f}")
     return 0
@@ -199,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stop:
-        print(f"mamlfast: {stop}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"mamlfast: {stop}", file=sys.stderr)
         return 130
-    except (ValueError, ops.BackendUnavailable, OSError) as error:
+    except (ValueError, ops.BackendUnavailable, OSError, distributed.DistributedError) as error:
         if os.environ.get("MAMLFAST_DEBUG"):
             raise
         print(f"mamlfast: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from .config import MAMLConfig
+from .distributed import Ranks
 from .learner import MAMLPlusPlus
 from .schedules import msl_weights, query_steps, use_second_order
 from .tasks import MetaOutput, TaskBatch
@@ -46,11 +47,12 @@ def match_optimizer_to_device(optimizer: torch.optim.Adam, device: torch.device)
 
 class MetaStep:
     """Runs meta-iterations of ``learner`` with ``optimizer``, captured in CUDA graphs where
-    ``cfg.cuda_graphs`` asks and the device allows, eagerly otherwise."""
+    ``cfg.cuda_graphs`` asks and the device allows, eagerly otherwise. With several ``ranks``,
+    each computes the meta-gradient of its share of the tasks and the ranks average them."""
 
     def __init__(self, learner: MAMLPlusPlus, optimizer: torch.optim.Optimizer, cfg: MAMLConfig,
-                 device: torch.device):
-        self.learner, self.optimizer, self.cfg, self.device = learner, optimizer, cfg, device
+                 device: torch.device, ranks: Ranks = Ranks()):
+        self.learner, self.optimizer, self.cfg, self.device, self.ranks = learner, optimizer, cfg, device, ranks
         self.graphs = cfg.cuda_graphs and self._graphs_possible()
         self.phase = None          # (second order, query steps) of the current graph
         self.graph = None
@@ -86,6 +88,7 @@ class MetaStep:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.learner.meta_forward(batch, weights, steps, second_order)
         out.loss.backward()
+        self.ranks.average_gradients(self.learner.parameters())
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -97,6 +100,9 @@ class MetaStep:
             return False
         if self.cfg.backend == "loop":
             log.info("CUDA graphs are not used with the per-task reference path (backend='loop')")
+            return False
+        if self.ranks.world > 1:
+            log.info("CUDA graphs are not used across several ranks: meta-iterations run eagerly")
             return False
         return True
 

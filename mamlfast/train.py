@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import checkpoints
 from .config import MAMLConfig
 from .data import FewShotDataset, TaskSampler
+from .distributed import Ranks
 from .files import atomic_open, write_json
 from .learner import MAMLPlusPlus
 from .schedules import cosine_meta_lr, total_iterations
@@ -36,22 +37,24 @@ class TrainingInterrupted(Exception):
 
 
 class FixedTasks:
-    """A split's fixed evaluation tasks, evaluated in batches of tasks."""
+    """A split's fixed evaluation tasks, evaluated in batches of tasks, shared out among ranks."""
 
-    def __init__(self, sampler: TaskSampler, count: int, chunk: int):
-        self.sampler, self.chunk = sampler, chunk
-        self.indices, self.rotations = sampler.fixed_tasks(count)
+    def __init__(self, sampler: TaskSampler, count: int, chunk: int, ranks: Ranks = Ranks()):
+        self.sampler, self.chunk, self.count, self.ranks = sampler, chunk, count, ranks
+        indices, rotations = sampler.fixed_tasks(count)
+        share = ranks.eval_slice(count)
+        self.indices, self.rotations = indices[share], rotations[share]
 
     def accuracies(self, learners: list[MAMLPlusPlus], progress: bool = False) -> torch.Tensor:
         """Per-task query accuracy [T] of ``learners``' averaged logits (one learner: itself)."""
-        results = []
+        results = [torch.zeros(0, device=self.sampler.device)]
         starts = range(0, len(self.indices), self.chunk)
         for start in tqdm(starts, desc=f"{self.sampler.name} tasks", leave=False, disable=not progress):
             stop = start + self.chunk
             batch = self.sampler.batch(self.indices[start:stop], self.rotations[start:stop])
             logits = sum(learner.predict(batch.x_support, batch.y_support, batch.x_query) for learner in learners)
             results.append((logits.argmax(-1) == batch.y_query).float().mean(1))
-        return torch.cat(results).cpu()
+        return self.ranks.gather(torch.cat(results), self.count).cpu()
 
 
 def mean_and_ci95(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -73,9 +76,9 @@ class Trainer:
 
     def __init__(self, cfg: MAMLConfig, dataset: FewShotDataset, out_dir: str | Path, *,
                  device: str | torch.device = "cpu", data_root: str | Path | None = None,
-                 keep: int = 5, log_every: int = 10, progress: bool = True):
-        self.cfg, self.device = cfg, torch.device(device)
-        self.keep, self.log_every, self.progress = keep, log_every, progress
+                 keep: int = 5, log_every: int = 10, progress: bool = True, ranks: Ranks = Ranks()):
+        self.cfg, self.device, self.ranks = cfg, torch.device(device), ranks
+        self.keep, self.log_every, self.progress = keep, log_every, progress and ranks.is_main
         self.out = Path(out_dir)
         self.checkpoint_dir = self.out / "checkpoints"
         self.run = dict(dataset=dataset.name, data_root=str(data_root) if data_root else None)
@@ -83,11 +86,11 @@ class Trainer:
         self.learner = MAMLPlusPlus(cfg).to(self.device)
         self.optimizer = make_optimizer(self.learner, cfg, self.device)
         self.scheduler = cosine_meta_lr(self.optimizer, cfg)
-        self.meta_step = MetaStep(self.learner, self.optimizer, cfg, self.device)
+        self.meta_step = MetaStep(self.learner, self.optimizer, cfg, self.device, ranks)
         self.train_tasks = dataset.sampler("train", cfg, self.device)
         chunk = eval_chunk(cfg)
-        self.val_tasks = FixedTasks(dataset.sampler("val", cfg, self.device), cfg.eval_tasks, chunk)
-        self.test_tasks = FixedTasks(dataset.sampler("test", cfg, self.device), cfg.eval_tasks, chunk)
+        self.val_tasks = FixedTasks(dataset.sampler("val", cfg, self.device), cfg.eval_tasks, chunk, ranks)
+        self.test_tasks = FixedTasks(dataset.sampler("test", cfg, self.device), cfg.eval_tasks, chunk, ranks)
         self.iteration = 0
         self.elapsed = 0.0
         self.history: list[dict] = []  # one entry per epoch: epoch, iteration, val_accuracy, kept
@@ -95,25 +98,32 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------
 
-    def fit(self) -> None:
-        """Train to the end of the schedule; on Ctrl-C, checkpoint and raise TrainingInterrupted."""
+    def fit(self, stop_at: int | None = None) -> None:
+        """Train to the end of the schedule. On Ctrl-C, or at iteration ``stop_at``, write a
+        checkpoint and raise TrainingInterrupted."""
         cfg, total = self.cfg, total_iterations(self.cfg)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._open_tensorboard()
+        if self.ranks.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._open_tensorboard()
         started = time.perf_counter() - self.elapsed
         bar = tqdm(total=total, initial=self.iteration, desc="meta-training", unit="it",
                    disable=not self.progress, dynamic_ncols=True)
         with bar, _stop_requests() as stop_requested:
-            while self.iteration < total and not stop_requested():
+            while self.iteration < total and self.iteration != stop_at:
                 out = self.step()
                 bar.update()
                 self.elapsed = time.perf_counter() - started
-                if self.iteration % self.log_every == 0:
+                logged, epoch_ended = self.iteration % self.log_every == 0, self.iteration % cfg.iters_per_epoch == 0
+                if logged:
                     self._log_iteration(out, bar)
-                if self.iteration % cfg.iters_per_epoch == 0:
+                if epoch_ended:
                     self._end_epoch(bar)
+                # ranks agree on a stop where they synchronise anyway
+                if (self.ranks.world == 1 or logged or epoch_ended) and self.ranks.any(stop_requested(), self.device):
+                    break
         if self.iteration < total:
             if self.iteration % cfg.iters_per_epoch:  # an epoch's end has just been saved
+                self.ranks.average_buffers(self.learner)
                 self._save("latest.pt")
             raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint written to "
                                       f"{self.checkpoint_dir / 'latest.pt'}; continue with --resume")
@@ -121,7 +131,8 @@ class Trainer:
     def step(self):
         """One meta-iteration: a meta-batch, the meta-loss and its gradient, one Adam step."""
         epoch = self.iteration // self.cfg.iters_per_epoch
-        batch = self.train_tasks.training_batch(self.cfg.seed, self.iteration, self.cfg.meta_batch_size)
+        batch = self.train_tasks.training_batch(self.cfg.seed, self.iteration, self.cfg.meta_batch_size,
+                                                tasks=self.ranks.task_slice(self.cfg.meta_batch_size))
         out = self.meta_step(batch, epoch)
         self.scheduler.step()
         self.iteration += 1
@@ -144,7 +155,8 @@ class Trainer:
             ensemble_size=len(ensemble), test_tasks=self.cfg.eval_tasks,
             iterations=self.iteration, train_seconds=self.elapsed, device=str(self.device),
             config=self.cfg.to_dict(), **self.run)
-        write_json(self.out / "summary.json", summary)
+        if self.ranks.is_main:
+            write_json(self.out / "summary.json", summary)
         return summary
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -171,6 +183,8 @@ class Trainer:
         return [self.checkpoint_dir / _epoch_file(h["epoch"]) for h in kept]
 
     def _save(self, name: str) -> None:
+        if not self.ranks.is_main:
+            return
         checkpoints.save(self.checkpoint_dir / name, dict(
             config=self.cfg.to_dict(), run=self.run, model=self.learner.state_dict(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
@@ -179,6 +193,7 @@ class Trainer:
 
     def _end_epoch(self, bar) -> None:
         epoch = self.iteration // self.cfg.iters_per_epoch - 1
+        self.ranks.average_buffers(self.learner)
         self.learner.eval()
         accuracy, ci95 = mean_and_ci95(self.val_tasks.accuracies([self.learner]))
         self.learner.train()
@@ -189,19 +204,24 @@ class Trainer:
         if self.history[-1]["kept"]:
             self._save(_epoch_file(epoch))
         self._save("latest.pt")
-        for entry in ranked[self.keep:]:
-            (self.checkpoint_dir / _epoch_file(entry["epoch"])).unlink(missing_ok=True)
-        self._append_metrics(dict(iteration=self.iteration, epoch=epoch, val_accuracy=accuracy, val_ci95=ci95,
-                                  seconds=self.elapsed))
-        self._write_curves()
-        bar.write(f"epoch {epoch}: validation accuracy {100 * accuracy:.2f}% +- {100 * ci95:.2f}")
+        if self.ranks.is_main:
+            for entry in ranked[self.keep:]:
+                (self.checkpoint_dir / _epoch_file(entry["epoch"])).unlink(missing_ok=True)
+            self._append_metrics(dict(iteration=self.iteration, epoch=epoch, val_accuracy=accuracy, val_ci95=ci95,
+                                      seconds=self.elapsed))
+            self._write_curves()
+            bar.write(f"epoch {epoch}: validation accuracy {100 * accuracy:.2f}% +- {100 * ci95:.2f}")
+        self.ranks.barrier()  # the checkpoints exist for every rank from here on
 
     # -- logs -------------------------------------------------------------------------------
 
     def _log_iteration(self, out, bar) -> None:
+        loss, accuracy = self.ranks.mean(torch.stack([out.loss.detach(), out.accuracy]).float()).tolist()
         record = dict(iteration=self.iteration, epoch=(self.iteration - 1) // self.cfg.iters_per_epoch,
-                      loss=out.loss.item(), accuracy=out.accuracy.item(),
+                      loss=loss, accuracy=accuracy,
                       meta_lr=float(self.optimizer.param_groups[0]["lr"]), seconds=self.elapsed)
+        if not self.ranks.is_main:
+            return
         self._append_metrics(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", epoch=record["epoch"])
 
@@ -216,7 +236,7 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop records logged after the checkpoint a resumed run starts from."""
         path = self.out / "metrics.jsonl"
-        if path.exists():
+        if self.ranks.is_main and path.exists():
             records = [line for line in path.read_text().splitlines()
                        if line and json.loads(line)["iteration"] <= self.iteration]
             with atomic_open(path) as handle:
