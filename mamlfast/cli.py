@@ -130,8 +130,8 @@ def run_train(args) -> int:
     summary = trainer.test()
     ranks.barrier()  # no rank leaves the process group while another still uses it
     say(f"test accuracy {100 * summary['test_accuracy']:.2f}% +- {100 * summary['test_ci95']:.2f} "
-          f"(best model, epoch {summary['best_epoch']}); ensemble of {summary['ensemble_size']}: "
-          f"{100 * summary['ensemble_test_accuracy']:.2f}% +- {100 * summary['ensemble_test_ci95']:.2f}")
+        f"(best model, epoch {summary['best_epoch']}); ensemble of {summary['ensemble_size']}: "
+        f"{100 * summary['ensemble_test_accuracy']:.2f}% +- {100 * summary['ensemble_test_ci95']:.2f}")
     return 0
 
 
@@ -190,6 +190,8 @@ def run_info(_args) -> int:
     else:
         print(f"CUDA: no device visible (torch built for CUDA {torch.version.cuda})" if torch.version.cuda
               else "CUDA: torch is a CPU build")
+    from .ops.cuda_extension import load_error
+    print(f"CUDA extension: {load_error() or 'built, mamlfast._C loaded'}")
     for device in devices:
         print(f"backends on {device}: auto -> {ops.resolve('auto', device)}")
         for name, reason in ops.availability(device).items():

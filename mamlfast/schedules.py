@@ -39,6 +39,16 @@ def total_iterations(cfg: MAMLConfig) -> int:
 
 
 def cosine_meta_lr(optimizer: torch.optim.Optimizer, cfg: MAMLConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """CA: cosine annealing from ``meta_lr`` to ``min_meta_lr`` over the run, stepped per iteration."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(
+    """CA: cosine annealing from ``meta_lr`` to ``min_meta_lr`` over the run, stepped per iteration.
+
+    A learning rate held in a device tensor (capturable Adam) is updated in place.
+    """
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=total_iterations(cfg), eta_min=cfg.min_meta_lr)
+    host_base_rates(scheduler)
+    return scheduler
+
+
+def host_base_rates(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Keep the schedule's arithmetic on the host even where the rate lives on a device."""
+    scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]

@@ -17,7 +17,7 @@ import torch
 from .config import MAMLConfig
 from .distributed import Ranks
 from .learner import MAMLPlusPlus
-from .schedules import msl_weights, query_steps, use_second_order
+from .schedules import host_base_rates, msl_weights, query_steps, use_second_order
 from .tasks import MetaOutput, TaskBatch
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,10 @@ def make_optimizer(learner: MAMLPlusPlus, cfg: MAMLConfig, device: torch.device)
     return torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
 
 
-def match_optimizer_to_device(optimizer: torch.optim.Adam, device: torch.device) -> None:
-    """After loading a state saved on another kind of device: capturable form, rate and step
-    counters as ``make_optimizer`` makes them for ``device``."""
+def match_optimizer_to_device(optimizer: torch.optim.Adam, scheduler, device: torch.device) -> None:
+    """After loading states saved on another kind of device: capturable form, rate and step
+    counters as ``make_optimizer`` makes them for ``device``, the schedule's arithmetic on the host."""
+    host_base_rates(scheduler)
     capturable = device.type == "cuda"
     for group in optimizer.param_groups:
         group["capturable"] = capturable
@@ -83,7 +84,7 @@ class MetaStep:
         return self.static_out
 
     def _body(self, batch, weights, second_order, steps) -> MetaOutput:
-        # Inside a capture this allocates no kernel: the gradients the backward creates
+        # Inside a capture this launches nothing: the gradients the backward then creates
         # come from the graph's memory and are rewritten by every replay.
         self.optimizer.zero_grad(set_to_none=True)
         out = self.learner.meta_forward(batch, weights, steps, second_order)
@@ -108,13 +109,10 @@ class MetaStep:
 
     def _fill_static(self, batch: TaskBatch, weights: list[float]) -> None:
         if self.static_batch is None:
-            self.static_batch = TaskBatch(*(t.clone() for t in (batch.x_support, batch.y_support,
-                                                                  batch.x_query, batch.y_query)))
+            self.static_batch = TaskBatch(*(t.clone() for t in batch.tensors()))
             self.static_weights = torch.tensor(weights, device=self.device)
         else:
-            for static, fresh in zip((self.static_batch.x_support, self.static_batch.y_support,
-                                      self.static_batch.x_query, self.static_batch.y_query),
-                                     (batch.x_support, batch.y_support, batch.x_query, batch.y_query)):
+            for static, fresh in zip(self.static_batch.tensors(), batch.tensors()):
                 static.copy_(fresh, non_blocking=True)
         if weights != self.host_weights:
             self.static_weights.copy_(torch.tensor(weights))

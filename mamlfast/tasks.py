@@ -22,9 +22,11 @@ class TaskBatch:
     def num_tasks(self) -> int:
         return self.x_support.shape[0]
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x_support, self.y_support, self.x_query, self.y_query
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TaskBatch":
-        return TaskBatch(*(t.to(device, non_blocking=non_blocking)
-                           for t in (self.x_support, self.y_support, self.x_query, self.y_query)))
+        return TaskBatch(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
 
     def check(self, cfg: MAMLConfig) -> None:
         """Raise ``ValueError`` naming the problem if this batch does not fit ``cfg``."""

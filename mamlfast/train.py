@@ -65,7 +65,8 @@ def mean_and_ci95(accuracies: torch.Tensor) -> tuple[float, float]:
 
 
 def eval_chunk(cfg: MAMLConfig, budget: int = 2**28) -> int:
-    """Tasks per evaluation batch: as many as keep the first layer's activations under ``budget`` values."""
+    """Tasks per evaluation batch: as many as keep four copies of the first layer's
+    activations (about what an adaptation step holds at once) under ``budget`` values."""
     images = cfg.n_way * (cfg.k_shot + cfg.k_query)
     per_task = images * cfg.num_filters * cfg.image_size ** 2 * 4
     return max(1, min(cfg.eval_tasks, budget // per_task))
@@ -171,8 +172,8 @@ class Trainer:
                 f"checkpoint {path} was trained on {payload['run']['dataset']}, not {self.run['dataset']}")
         self.learner.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        match_optimizer_to_device(self.optimizer, self.device)
         self.scheduler.load_state_dict(payload["scheduler"])
+        match_optimizer_to_device(self.optimizer, self.scheduler, self.device)
         self.iteration, self.elapsed, self.history = payload["iteration"], payload["elapsed"], payload["history"]
         _set_rng_state(payload["rng"])
         self._truncate_metrics()

@@ -5,7 +5,6 @@ import logging
 import pytest
 import torch
 
-import mamlfast
 from conftest import DEVICE, perturbed_learner, random_batch
 from mamlfast.step import MetaStep, make_optimizer
 
@@ -63,3 +62,32 @@ def test_captured_steps_equal_eager_steps(small_cfg, backend):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     for (name, b), c in zip(captured.named_buffers(), eager.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_optimizer_state_from_a_gpu_run_resumes_on_the_cpu(small_cfg):
+    """A capturable Adam's state (rate and step counters as tensors) loads into a CPU run."""
+    from mamlfast.schedules import cosine_meta_lr
+    from mamlfast.step import match_optimizer_to_device
+    small_cfg = small_cfg.replace(epochs=1, iters_per_epoch=4)
+    learner = perturbed_learner(small_cfg, dtype=torch.float32)
+    optimizer = make_optimizer(learner, small_cfg, torch.device("cpu"))
+    scheduler = cosine_meta_lr(optimizer, small_cfg)
+    learner(random_batch(small_cfg, 2, dtype=torch.float32), 0).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
+    for group in saved_optimizer["param_groups"]:  # as a GPU run saves them
+        group.update(capturable=True, lr=torch.tensor(group["lr"]))
+    saved_scheduler["base_lrs"] = [torch.tensor(lr) for lr in saved_scheduler["base_lrs"]]
+
+    optimizer = make_optimizer(learner, small_cfg, torch.device("cpu"))
+    scheduler = cosine_meta_lr(optimizer, small_cfg)
+    optimizer.load_state_dict(saved_optimizer)
+    scheduler.load_state_dict(saved_scheduler)
+    match_optimizer_to_device(optimizer, scheduler, torch.device("cpu"))
+    assert all(not g["capturable"] and isinstance(g["lr"], float) for g in optimizer.param_groups)
+    assert all(isinstance(lr, float) for lr in scheduler.base_lrs)
+    learner(random_batch(small_cfg, 2, dtype=torch.float32), 0).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx((small_cfg.meta_lr + small_cfg.min_meta_lr) / 2)
