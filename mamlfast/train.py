@@ -100,8 +100,8 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------
 
     def fit(self, stop_at: int | None = None) -> None:
-        """Train to the end of the schedule. On Ctrl-C, or at iteration ``stop_at``, write a
-        checkpoint and raise TrainingInterrupted."""
+        """Train to the end of the schedule. On Ctrl-C or SIGTERM, or at iteration ``stop_at``,
+        write a checkpoint and raise TrainingInterrupted."""
         cfg, total = self.cfg, total_iterations(self.cfg)
         if self.ranks.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ class Trainer:
         started = time.perf_counter() - self.elapsed
         bar = tqdm(total=total, initial=self.iteration, desc="meta-training", unit="it",
                    disable=not self.progress, dynamic_ncols=True)
-        with bar, _stop_requests() as stop_requested:
+        with bar, _stop_requests(repeat_interrupts=self.ranks.world == 1) as stop_requested:
             while self.iteration < total and self.iteration != stop_at:
                 out = self.step()
                 bar.update()
@@ -274,23 +274,27 @@ def _set_rng_state(state: dict) -> None:
 
 
 @contextmanager
-def _stop_requests():
-    """Turn the first Ctrl-C into a request to stop at the next iteration boundary.
-
-    A second Ctrl-C interrupts at once, as usual.
+def _stop_requests(repeat_interrupts: bool):
+    """Turn Ctrl-C (SIGINT) and SIGTERM, as schedulers send before a kill, into a request to stop
+    at the next iteration boundary. With ``repeat_interrupts`` a second Ctrl-C interrupts at
+    once, as usual; without (under torchrun, which passes the Ctrl-C on to every rank and so
+    signals twice), later signals only repeat the request.
     """
     requested = []
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def handler(signum, frame):
         requested.append(signum)
-        signal.signal(signal.SIGINT, previous)
+        if repeat_interrupts:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        previous = {s: signal.signal(s, handler) for s in signals}
+    except ValueError:  # not the main thread: no handlers, signals behave as usual
         yield lambda: False
         return
     try:
         yield lambda: bool(requested)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s in signals:
+            signal.signal(s, previous[s])

@@ -92,6 +92,30 @@ def test_distributed_stop_and_resume(tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_iteration(tmp_path):
+    """Ctrl-C reaches torchrun and every rank, and torchrun passes it on once more."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+         "-m", "mamlfast", "train", "--out", "interrupted", *OPTIONS, "--epochs", "1000"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_metrics(tmp_path / "interrupted")
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, stderr = process.communicate(timeout=120)
+    assert "checkpoint written to interrupted/checkpoints/latest.pt" in stderr
+    saved = checkpoints.load(tmp_path / "interrupted" / "checkpoints" / "latest.pt")
+    assert 0 < saved["iteration"] < 3000
+    resumed = _train("interrupted", "--epochs", "1000", "--resume", "--stop-at", str(saved["iteration"] + 2),
+                     ranks=2, cwd=tmp_path)
+    assert f"stopped at iteration {saved['iteration'] + 2}" in resumed.stderr, resumed.stderr
+
+
+def _wait_for_metrics(run, seconds=120):
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + seconds
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+
+
 def test_meta_batch_that_does_not_divide_is_refused(tmp_path):
     result = _train("odd", "--meta-batch-size", "3", ranks=2, cwd=tmp_path)
     assert result.returncode != 0
@@ -103,10 +127,7 @@ def test_a_dead_rank_ends_the_run(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
          "-m", "mamlfast", "train", "--out", "dead", *OPTIONS, "--epochs", "1000"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "dead" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
-        time.sleep(0.5)
+    _wait_for_metrics(tmp_path / "dead")
     workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     os.kill(max(map(int, workers)), signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)

@@ -28,27 +28,28 @@ def _trainer(cfg, out):
     return Trainer(cfg, load_dataset("synthetic", cfg), out, keep=2, log_every=1, progress=False)
 
 
-def _stop_at(trainer, iteration):
-    """Press Ctrl-C during meta-iteration ``iteration``."""
+def _stop_at(trainer, iteration, signum):
+    """Send ``signum`` (Ctrl-C, or a scheduler's SIGTERM) during meta-iteration ``iteration``."""
     step = trainer.step
 
     def step_then_interrupt():
         out = step()
         if trainer.iteration == iteration:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return out
 
     trainer.step = step_then_interrupt
 
 
-@pytest.mark.parametrize("stop", [3, 4], ids=["at an epoch's end", "mid-epoch"])
-def test_resume_continues_exactly(tmp_path, stop):
+@pytest.mark.parametrize("stop, signum", [(3, signal.SIGINT), (4, signal.SIGINT), (5, signal.SIGTERM)],
+                         ids=["Ctrl-C at an epoch's end", "Ctrl-C mid-epoch", "SIGTERM mid-epoch"])
+def test_resume_continues_exactly(tmp_path, stop, signum):
     cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", backend="torch", **TINY)
     straight = _trainer(cfg, tmp_path / "straight")
     straight.fit()
 
     first = _trainer(cfg, tmp_path / "resumed")
-    _stop_at(first, stop)
+    _stop_at(first, stop, signum)
     with pytest.raises(TrainingInterrupted, match=f"stopped at iteration {stop}"):
         first.fit()
     second = _trainer(cfg, tmp_path / "resumed")

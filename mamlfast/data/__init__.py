@@ -12,7 +12,7 @@ from . import mini_imagenet
 from .images import ClassImages, DatasetError
 from .mini_imagenet import load_mini_imagenet
 from .omniglot import load_omniglot
-from .sampler import TaskSampler, seeded_generator
+from .sampler import TaskSampler
 from .synthetic import make_synthetic
 
 DATASETS = ("synthetic", "omniglot", "mini-imagenet")
@@ -52,5 +52,4 @@ def load_dataset(name: str, cfg: MAMLConfig, root: str | Path | None = None, pro
                           mini_imagenet.MEAN, mini_imagenet.STD, False)
 
 
-__all__ = ["DATASETS", "ClassImages", "DatasetError", "FewShotDataset", "TaskSampler", "load_dataset",
-           "seeded_generator"]
+__all__ = ["DATASETS", "ClassImages", "DatasetError", "FewShotDataset", "TaskSampler", "load_dataset"]

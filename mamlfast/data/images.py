@@ -51,9 +51,6 @@ class ClassImages:
         return ClassImages(self.images[torch.cat(rows)] if rows else self.images[:0],
                            self.counts[classes], [self.names[c] for c in classes])
 
-    def to(self, device: torch.device | str) -> "ClassImages":
-        return ClassImages(self.images.to(device), self.counts, self.names)
-
 
 @dataclass(frozen=True, order=True)
 class ImageSource:
