@@ -20,24 +20,24 @@ from .tasks import MetaOutput, TaskBatch
 def meta_forward(learner, batch: TaskBatch, weights: list[float], second_order: bool) -> MetaOutput:
     """Meta-loss of ``batch`` with query-loss weights [S] (MSL) and the given derivative order."""
     cfg, net = learner.cfg, learner.net
-    stats = _StatisticsLog() if learner.training else None
+    stats = _StatisticsLog()
     task_losses, accuracies, query_losses = [], [], defaultdict(list)
     for task in range(batch.num_tasks):
         params = list(net.adapted_parameters().values())
         task_loss = 0.0
         for step in range(cfg.inner_steps):
             params = _adapt(learner, params, batch.x_support[task], batch.y_support[task], step,
-                            create_graph=second_order, record=stats and stats.recorder(step, "support"))
+                            create_graph=second_order, record=stats.recorder(step, "support"))
             if weights[step] == 0:
                 continue
             logits = task_logits(net, params, batch.x_query[task], step, use_running_stats=False,
-                                 record=stats and stats.recorder(step, "query"))
+                                 record=stats.recorder(step, "query"))
             loss = F.cross_entropy(logits, batch.y_query[task])
             task_loss = task_loss + weights[step] * loss
             query_losses[step].append(loss.detach())
         task_losses.append(task_loss)
         accuracies.append((logits.argmax(-1) == batch.y_query[task]).float().mean())
-    if stats is not None:
+    if learner.training:
         stats.apply(net)
     not_computed = batch.x_query.new_tensor(float("nan"))
     per_step_losses = torch.stack([torch.stack(query_losses[step]).mean() if step in query_losses else not_computed
