@@ -121,7 +121,7 @@ def run_train(args) -> int:
     trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, keep=args.keep,
                       log_every=args.log_every, progress=progress, ranks=ranks)
     if args.resume:
-        trainer.resume()
+        trainer.resume(saved)
     say = print if ranks.is_main else (lambda *_: None)
     say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
         f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"

@@ -141,16 +141,16 @@ class Trainer:
 
     def test(self) -> dict:
         """The paper's protocol on the fixed test tasks: the best model, and the top-k ensemble."""
-        ranked = self.ranked_checkpoints()
-        best = [checkpoints.learner_from(checkpoints.load(ranked[0], self.device), self.device,
-                                         backend=self.cfg.backend)] if ranked else [self.learner.eval()]
         ensemble = [checkpoints.learner_from(checkpoints.load(path, self.device), self.device,
-                                             backend=self.cfg.backend) for path in ranked] or best
+                                             backend=self.cfg.backend)
+                    for path in self.ranked_checkpoints()] or [self.learner.eval()]
+        best = ensemble[:1]
         test_accuracy, test_ci95 = mean_and_ci95(self.test_tasks.accuracies(best, self.progress))
         ensemble_accuracy, ensemble_ci95 = mean_and_ci95(self.test_tasks.accuracies(ensemble, self.progress))
         best_entry = min(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]), default=None)
         summary = dict(
-            val_accuracy=best_entry and best_entry["val_accuracy"], best_epoch=best_entry and best_entry["epoch"],
+            val_accuracy=best_entry["val_accuracy"] if best_entry else None,
+            best_epoch=best_entry["epoch"] if best_entry else None,
             test_accuracy=test_accuracy, test_ci95=test_ci95,
             ensemble_test_accuracy=ensemble_accuracy, ensemble_test_ci95=ensemble_ci95,
             ensemble_size=len(ensemble), test_tasks=self.cfg.eval_tasks,
@@ -162,10 +162,11 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def resume(self) -> None:
-        """Continue from ``checkpoints/latest.pt`` exactly where it stopped."""
+    def resume(self, payload: dict | None = None) -> None:
+        """Continue from ``checkpoints/latest.pt`` (or its ``payload``, already loaded) exactly
+        where it stopped."""
         path = self.checkpoint_dir / "latest.pt"
-        payload = checkpoints.load(path, self.device)
+        payload = payload or checkpoints.load(path, self.device)
         checkpoints.check_same_run(payload, self.cfg, path)
         if payload["run"]["dataset"] != self.run["dataset"]:
             raise checkpoints.CheckpointError(
