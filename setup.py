@@ -24,8 +24,7 @@ ROOT = Path(__file__).parent
 SOURCES = (ROOT / "csrc" / "sources.txt").read_text().split()  # the one list, shared with CMakeLists.txt
 BUILD_RECORD = ROOT / "mamlfast" / "_build.json"
 CONVENTIONAL_TOOLKIT = Path("/usr/local/cuda")
-HOW_TO_BUILD = ("install a CUDA toolkit matching torch's CUDA version, or point CUDA_HOME at one, then "
-                "reinstall with pip install --no-build-isolation -e .")
+REINSTALL = "then reinstall mamlfast with pip install --no-build-isolation -e ."
 
 
 def say(message: str) -> None:
@@ -96,14 +95,15 @@ def extension_plan(torch) -> tuple[Path | None, str]:
     if torch is None:
         return None, "torch was not installed when mamlfast was built (install torch first)"
     if torch.version.cuda is None:
-        return None, f"torch {torch.__version__} is a CPU build"
+        return None, f"torch {torch.__version__} is a CPU build (install a CUDA build of torch, {REINSTALL})"
     toolkit, how = find_cuda_toolkit()
     if toolkit is None:
-        return None, how
+        return None, f"{how} (install CUDA {torch.version.cuda} or set CUDA_HOME to its folder, {REINSTALL})"
     version = toolkit_version(toolkit)
     if version is None or version.split(".")[0] != torch.version.cuda.split(".")[0]:
         return None, (f"the CUDA toolkit at {toolkit} is release {version}, but torch {torch.__version__} "
-                      f"was built with CUDA {torch.version.cuda} (the major versions must agree)")
+                      f"was built with CUDA {torch.version.cuda} (the major versions must agree: set CUDA_HOME "
+                      f"to a matching toolkit, {REINSTALL})")
     return toolkit, f"{how}, release {version}"
 
 
@@ -125,7 +125,7 @@ def cuda_extension_build():
     if toolkit is None:
         if os.environ.get("FORCE_CUDA") == "1":
             raise SystemExit(f"mamlfast: FORCE_CUDA=1, but the CUDA extension cannot be built: {how}")
-        say(f"not building the CUDA extension: {how}; backend='cuda' will be unavailable ({HOW_TO_BUILD})")
+        say(f"not building the CUDA extension (backend='cuda' will be unavailable): {how}")
         write_build_record(dict(extension=None, reason=how, torch=torch_version))
         for stale in (ROOT / "mamlfast").glob("_C.*"):  # an earlier in-place build must not load instead
             stale.unlink()
