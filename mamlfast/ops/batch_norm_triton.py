@@ -38,8 +38,9 @@ import triton.language as tl
 from .triton_common import aligned, check_indexable
 
 # Values per program and loop iteration, 4 per thread (a 16-byte vector of float32): 8 warps.
-# Compiled for sm_90a, no kernel then needs more than 48 registers in float32 or 80 in float64,
-# none spills; 2048 values in 4 warps needed up to 168 in float32 and spilled in float64.
+# Compiled for sm_90a, the looping kernels then need at most 48 registers in float32 and 80 in
+# float64 (the single-pass forward, holding up to 4096 values, 64 and 94), and none spills;
+# 2048 values in 4 warps needed up to 168 in float32 and spilled in float64.
 MAX_BLOCK = 1024
 VALUES_PER_THREAD = 4
 SINGLE_PASS_LIMIT = 4096   # a group of at most this many values is read once, kept in registers
