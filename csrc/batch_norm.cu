@@ -1,6 +1,17 @@
 // Per-step batch norm of task-batched activations: forward, backward, double backward.
-// The maths, and the layout [N, G, HW] with one block per group g = (task, channel), are
-// those of mamlfast/ops/batch_norm_triton.py, whose docstring gives the formulas.
+// The maths is that of mamlfast/ops/batch_norm_triton.py, whose docstring gives the formulas.
+//
+// Activations are [N, G, HW]; group g = (task, channel) owns the N * HW values x[:, g, :].
+// Each kernel makes a few sums over a group, then applies them to every value of the group.
+// Values travel in runs of VEC pixels of one sample (VEC > 1 where the pixels of a sample are a
+// multiple of VEC), loaded as one vector where the memory is 16-byte aligned, else value by
+// value: the same values in the same order, so the same sums. Where the groups alone leave
+// multiprocessors idle, a group is split over several blocks: each writes its partial sums to
+// a workspace, and a second kernel adds a group's partial sums in block order before applying
+// them. Every sum is thus made in an order fixed by the shapes and the device, never by the
+// order in which blocks run, nor by the alignment of the memory.
+
+#include <algorithm>
 
 #include "common.cuh"
 
@@ -8,148 +19,335 @@ namespace mamlfast {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMaxSums = 5;
+// Groups are split while the grid would have fewer than this many blocks per multiprocessor,
+constexpr int64_t kBlocksPerMultiprocessor = 2;
+// into blocks of at least this many values each.
+constexpr int64_t kMinBlockValues = 2048;
 
-// Offset of value e = n * HW + hw of group g.
-__device__ __forceinline__ int64_t offset(const GroupShape& s, int64_t group, int64_t e) {
-  return (e / s.pixels) * (s.groups * s.pixels) + group * s.pixels + e % s.pixels;
+// Which runs of which group a block visits: blocks [group * blocks, (group + 1) * blocks) of
+// the grid share group `group`, each `runs` runs of it (the last block fewer).
+struct Split {
+  int64_t blocks;
+  int64_t runs;
+  int64_t total_runs;
+
+  __device__ int64_t group() const { return blockIdx.x / blocks; }
+  __device__ bool first_of_group() const { return blockIdx.x % blocks == 0; }
+  __device__ int64_t begin() const { return blockIdx.x % blocks * runs; }
+  __device__ int64_t end() const { return min(begin() + runs, total_runs); }
+};
+
+template <typename T> int run_length(const GroupShape& s) {
+  return s.pixels % kVectorWidth<T> == 0 ? kVectorWidth<T> : 1;
 }
 
-template <typename T>
-__global__ void forward_kernel(GroupShape s, const T* x, const T* weight, const T* bias, double eps, T* y,
-                               typename Accumulator<T>::type* mean_out, typename Accumulator<T>::type* var_out,
-                               typename Accumulator<T>::type* rstd_out) {
-  using A = typename Accumulator<T>::type;
-  const int64_t group = blockIdx.x, values = s.samples * s.pixels;
-  // sums of values shifted by the group's first value, which keeps float32 sums of squares exact enough
-  const A shift = load(x, group * s.pixels);
-  A sums[2] = {0, 0};
-  for (int64_t e = threadIdx.x; e < values; e += blockDim.x) {
-    const A v = load(x, offset(s, group, e)) - shift;
-    sums[0] += v;
-    sums[1] += v * v;
-  }
-  block_sum(sums);
-  const A shifted_mean = sums[0] / values;
-  const A var = max(sums[1] / values - shifted_mean * shifted_mean, A(0));
-  const A mean = shifted_mean + shift;
-  const A rstd = A(1) / sqrt(var + A(eps));
-  const A w = load(weight, group % s.channels), b = load(bias, group % s.channels);
-  for (int64_t e = threadIdx.x; e < values; e += blockDim.x) {
-    const int64_t i = offset(s, group, e);
-    store(y, i, (load(x, i) - mean) * rstd * w + b);
-  }
-  if (threadIdx.x == 0) {
-    mean_out[group] = mean;
-    var_out[group] = var;
-    rstd_out[group] = rstd;
+Split split_groups(const GroupShape& s, int vec) {
+  const int64_t values = s.samples * s.pixels, runs = values / vec;
+  const int64_t target = kBlocksPerMultiprocessor * multiprocessors();
+  int64_t blocks = 1;
+  if (s.groups > 0 && s.groups < target)
+    blocks = std::max<int64_t>(1, std::min(ceil_div(target, s.groups), values / kMinBlockValues));
+  const int64_t per_block = std::max<int64_t>(1, ceil_div(runs, blocks));
+  return {std::max<int64_t>(1, ceil_div(runs, per_block)), per_block, runs};
+}
+
+// Calls visit(offset) for each run of [split.begin(), split.end()) of `group` that this
+// thread owns (the block's first, then every blockDim.x-th), offset being the run's first
+// value in memory. Run r holds pixels [p * VEC, (p + 1) * VEC) of sample n, with
+// r = n * HW / VEC + p; the pair (n, p) moves on by carries, without a division per run.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_run(const GroupShape& s, const Split& split, int64_t group, F&& visit) {
+  const int64_t row = s.pixels / VEC, sample_stride = s.groups * s.pixels, end = split.end();
+  int64_t run = split.begin() + threadIdx.x;
+  if (run >= end) return;
+  const int64_t step_samples = blockDim.x / row, step_runs = blockDim.x % row;
+  int64_t p = run % row;
+  int64_t offset = run / row * sample_stride + group * s.pixels + p * VEC;
+  for (; run < end; run += blockDim.x) {
+    visit(offset);
+    p += step_runs;
+    offset += step_samples * sample_stride + step_runs * VEC;
+    if (p >= row) {
+      p -= row;
+      offset += sample_stride - s.pixels;
+    }
   }
 }
 
-template <typename T>
-__global__ void backward_kernel(GroupShape s, const T* grad_out, const T* x, const T* weight,
-                                const typename Accumulator<T>::type* mean_in,
-                                const typename Accumulator<T>::type* rstd_in, T* grad_x,
-                                typename Accumulator<T>::type* grad_weight, typename Accumulator<T>::type* grad_bias) {
-  using A = typename Accumulator<T>::type;
-  const int64_t group = blockIdx.x, values = s.samples * s.pixels;
-  const A mean = mean_in[group], rstd = rstd_in[group], w = load(weight, group % s.channels);
-  A sums[2] = {0, 0};  // dy, dy * xh
-  for (int64_t e = threadIdx.x; e < values; e += blockDim.x) {
-    const int64_t i = offset(s, group, e);
-    const A dy = load(grad_out, i);
-    sums[0] += dy;
-    sums[1] += dy * (load(x, i) - mean) * rstd;
+// The three kernels differ only in their per-group state, their sums, and what they write;
+// each is a struct of device functions used by the two generic kernels below.
+//   begin(s, group)          the group's state before the sums
+//   accumulate(g, offset, sums)   adds one run's terms to the sums
+//   finish(g, sums, values)  completes the state from the group's sums
+//   apply(g, offset)         writes one run's outputs
+//   write(g, group, sums)    writes the group's own outputs (one thread of the group)
+
+template <typename T, int VEC> struct Forward {
+  using A = Acc<T>;
+  static constexpr int kVec = VEC, kSums = 2;  // of x - shift, (x - shift)^2
+  const T *x, *weight, *bias;
+  T* y;
+  A *mean_out, *var_out, *rstd_out;
+  A eps;
+  bool aligned;
+
+  struct Group { A shift, weight, bias, mean, var, rstd; };
+
+  __device__ Group begin(const GroupShape& s, int64_t group) const {
+    // values shifted by the group's first value keep float32 sums of squares exact enough
+    return {load(x, group * s.pixels), load(weight, group % s.channels), load(bias, group % s.channels)};
   }
-  block_sum(sums);
-  const A mean_dy = sums[0] / values, mean_dy_xh = sums[1] / values;
-  for (int64_t e = threadIdx.x; e < values; e += blockDim.x) {
-    const int64_t i = offset(s, group, e);
-    const A xh = (load(x, i) - mean) * rstd;
-    store(grad_x, i, w * rstd * (load(grad_out, i) - mean_dy - xh * mean_dy_xh));
+  __device__ void accumulate(const Group& g, int64_t offset, A (&sums)[kSums]) const {
+    A v[VEC];
+    load_run(x, offset, aligned, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const A d = v[i] - g.shift;
+      sums[0] += d;
+      sums[1] += d * d;
+    }
   }
-  if (threadIdx.x == 0) {
+  __device__ void finish(Group& g, const A (&sums)[kSums], int64_t values) const {
+    const A shifted_mean = sums[0] / values;
+    g.var = max(sums[1] / values - shifted_mean * shifted_mean, A(0));
+    g.mean = shifted_mean + g.shift;
+    g.rstd = A(1) / sqrt(g.var + eps);
+  }
+  __device__ void apply(const Group& g, int64_t offset) const {
+    A v[VEC];
+    load_run(x, offset, aligned, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = (v[i] - g.mean) * g.rstd * g.weight + g.bias;
+    store_run(y, offset, aligned, v);
+  }
+  __device__ void write(const Group& g, int64_t group, const A (&)[kSums]) const {
+    mean_out[group] = g.mean;
+    var_out[group] = g.var;
+    rstd_out[group] = g.rstd;
+  }
+};
+
+template <typename T, int VEC> struct Backward {
+  using A = Acc<T>;
+  static constexpr int kVec = VEC, kSums = 2;  // of dy, dy * xh
+  const T *grad_out, *x, *weight;
+  const A *mean, *rstd;
+  T* grad_x;
+  A *grad_weight, *grad_bias;
+  bool aligned;
+
+  struct Group { A mean, rstd, weight, mean_dy, mean_dy_xh; };
+
+  __device__ Group begin(const GroupShape& s, int64_t group) const {
+    return {mean[group], rstd[group], load(weight, group % s.channels)};
+  }
+  __device__ void accumulate(const Group& g, int64_t offset, A (&sums)[kSums]) const {
+    A xs[VEC], dys[VEC];
+    load_run(x, offset, aligned, xs);
+    load_run(grad_out, offset, aligned, dys);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      sums[0] += dys[i];
+      sums[1] += dys[i] * (xs[i] - g.mean) * g.rstd;
+    }
+  }
+  __device__ void finish(Group& g, const A (&sums)[kSums], int64_t values) const {
+    g.mean_dy = sums[0] / values;
+    g.mean_dy_xh = sums[1] / values;
+  }
+  __device__ void apply(const Group& g, int64_t offset) const {
+    A xs[VEC], dys[VEC];
+    load_run(x, offset, aligned, xs);
+    load_run(grad_out, offset, aligned, dys);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const A xh = (xs[i] - g.mean) * g.rstd;
+      xs[i] = g.weight * g.rstd * (dys[i] - g.mean_dy - xh * g.mean_dy_xh);
+    }
+    store_run(grad_x, offset, aligned, xs);
+  }
+  __device__ void write(const Group&, int64_t group, const A (&sums)[kSums]) const {
     grad_weight[group] = sums[1];
     grad_bias[group] = sums[0];
   }
+};
+
+template <typename T, int VEC> struct DoubleBackward {
+  using A = Acc<T>;
+  static constexpr int kVec = VEC, kSums = 5;  // of dy, dy * xh, ggx, ggx * xh, ggx * dy
+  const T *grad_out, *x, *weight;
+  const A *mean, *rstd;
+  const T *gg_x, *gg_weight, *gg_bias;
+  T *grad_grad_out, *grad_x;
+  A* grad_weight;
+  bool aligned;
+
+  struct Group { A mean, rstd, weight, ggw, ggb, mean_dy, mean_dy_xh, mean_ggx, mean_ggx_xh, covariance, grad_weight; };
+
+  __device__ Group begin(const GroupShape& s, int64_t group) const {
+    const int64_t channel = group % s.channels;
+    return {mean[group], rstd[group], load(weight, channel), load(gg_weight, channel), load(gg_bias, channel)};
+  }
+  __device__ void accumulate(const Group& g, int64_t offset, A (&sums)[kSums]) const {
+    A xs[VEC], dys[VEC], ggxs[VEC];
+    load_run(x, offset, aligned, xs);
+    load_run(grad_out, offset, aligned, dys);
+    load_run(gg_x, offset, aligned, ggxs);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const A xh = (xs[i] - g.mean) * g.rstd;
+      sums[0] += dys[i];
+      sums[1] += dys[i] * xh;
+      sums[2] += ggxs[i];
+      sums[3] += ggxs[i] * xh;
+      sums[4] += ggxs[i] * dys[i];
+    }
+  }
+  __device__ void finish(Group& g, const A (&sums)[kSums], int64_t values) const {
+    g.mean_dy = sums[0] / values;
+    g.mean_dy_xh = sums[1] / values;
+    g.mean_ggx = sums[2] / values;
+    g.mean_ggx_xh = sums[3] / values;
+    g.covariance = sums[4] / values - g.mean_ggx * g.mean_dy;
+    g.grad_weight = g.rstd * values * (g.covariance - g.mean_ggx_xh * g.mean_dy_xh);
+  }
+  __device__ void apply(const Group& g, int64_t offset) const {
+    A xs[VEC], dys[VEC], ggxs[VEC], g_dy[VEC];
+    load_run(x, offset, aligned, xs);
+    load_run(grad_out, offset, aligned, dys);
+    load_run(gg_x, offset, aligned, ggxs);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const A xh = (xs[i] - g.mean) * g.rstd, dy = dys[i], ggx = ggxs[i];
+      g_dy[i] = g.weight * g.rstd * (ggx - g.mean_ggx - xh * g.mean_ggx_xh) + g.ggw * xh + g.ggb;
+      xs[i] = g.weight * g.rstd * g.rstd *
+                  (-xh * (g.covariance - A(3) * g.mean_dy_xh * g.mean_ggx_xh) - g.mean_dy_xh * (ggx - g.mean_ggx) -
+                   g.mean_ggx_xh * (dy - g.mean_dy)) +
+              g.ggw * g.rstd * (dy - g.mean_dy - xh * g.mean_dy_xh);
+    }
+    store_run(grad_grad_out, offset, aligned, g_dy);
+    store_run(grad_x, offset, aligned, xs);
+  }
+  __device__ void write(const Group& g, int64_t group, const A (&)[kSums]) const {
+    grad_weight[group] = g.grad_weight;
+  }
+};
+
+// First pass over split groups: each block's partial sums, to workspace[block][k].
+template <typename Op>
+__global__ void __launch_bounds__(kThreads)
+    partial_sums_kernel(Op op, GroupShape s, Split split, typename Op::A* workspace) {
+  const int64_t group = split.group();
+  const auto g = op.begin(s, group);
+  typename Op::A sums[Op::kSums] = {};
+  for_each_run<Op::kVec>(s, split, group, [&](int64_t offset) { op.accumulate(g, offset, sums); });
+  block_sum(sums);
+  if (threadIdx.x == 0)
+    for (int k = 0; k < Op::kSums; ++k) workspace[blockIdx.x * Op::kSums + k] = sums[k];
 }
 
-template <typename T>
-__global__ void double_backward_kernel(GroupShape s, const T* grad_out, const T* x, const T* weight,
-                                       const typename Accumulator<T>::type* mean_in,
-                                       const typename Accumulator<T>::type* rstd_in, const T* gg_x,
-                                       const T* gg_weight, const T* gg_bias, T* grad_grad_out, T* grad_x,
-                                       typename Accumulator<T>::type* grad_weight) {
-  using A = typename Accumulator<T>::type;
-  const int64_t group = blockIdx.x, values = s.samples * s.pixels;
-  const int64_t channel = group % s.channels;
-  const A mean = mean_in[group], rstd = rstd_in[group], w = load(weight, channel);
-  const A ggw = load(gg_weight, channel), ggb = load(gg_bias, channel);
-  A sums[5] = {0, 0, 0, 0, 0};  // dy, dy * xh, ggx, ggx * xh, ggx * dy
-  for (int64_t e = threadIdx.x; e < values; e += blockDim.x) {
-    const int64_t i = offset(s, group, e);
-    const A xh = (load(x, i) - mean) * rstd, dy = load(grad_out, i), ggx = load(gg_x, i);
-    sums[0] += dy;
-    sums[1] += dy * xh;
-    sums[2] += ggx;
-    sums[3] += ggx * xh;
-    sums[4] += ggx * dy;
+// The group's sums, made here (one block per group) or added from its blocks' partial sums in
+// block order (kSplit), then the outputs of the block's runs.
+template <typename Op, bool kSplit>
+__global__ void __launch_bounds__(kThreads)
+    apply_kernel(Op op, GroupShape s, Split split, const typename Op::A* workspace) {
+  const int64_t group = split.group();
+  auto g = op.begin(s, group);
+  typename Op::A sums[Op::kSums] = {};
+  if constexpr (kSplit) {
+    const auto* partial = workspace + group * split.blocks * Op::kSums;
+    for (int64_t block = 0; block < split.blocks; ++block)
+      for (int k = 0; k < Op::kSums; ++k) sums[k] += partial[block * Op::kSums + k];
+  } else {
+    for_each_run<Op::kVec>(s, split, group, [&](int64_t offset) { op.accumulate(g, offset, sums); });
+    block_sum(sums);
   }
-  block_sum(sums);
-  const A mean_dy = sums[0] / values, mean_dy_xh = sums[1] / values;
-  const A mean_ggx = sums[2] / values, mean_ggx_xh = sums[3] / values;
-  const A covariance = sums[4] / values - mean_ggx * mean_dy;
-  for (int64_t e = threadIdx.x; e < values; e += blockDim.x) {
-    const int64_t i = offset(s, group, e);
-    const A xh = (load(x, i) - mean) * rstd, dy = load(grad_out, i), ggx = load(gg_x, i);
-    store(grad_grad_out, i, w * rstd * (ggx - mean_ggx - xh * mean_ggx_xh) + ggw * xh + ggb);
-    store(grad_x, i,
-          w * rstd * rstd *
-                  (-xh * (covariance - A(3) * mean_dy_xh * mean_ggx_xh) - mean_dy_xh * (ggx - mean_ggx) -
-                   mean_ggx_xh * (dy - mean_dy)) +
-              ggw * rstd * (dy - mean_dy - xh * mean_dy_xh));
+  op.finish(g, sums, s.samples * s.pixels);
+  for_each_run<Op::kVec>(s, split, group, [&](int64_t offset) { op.apply(g, offset); });
+  if (split.first_of_group() && threadIdx.x == 0) op.write(g, group, sums);
+}
+
+template <typename Op> cudaError_t launch(const Op& op, const GroupShape& s, void* workspace, cudaStream_t stream) {
+  if (s.groups == 0) return cudaSuccess;
+  const Split split = split_groups(s, Op::kVec);
+  const int64_t blocks = s.groups * split.blocks;
+  if (split.blocks == 1) {
+    apply_kernel<Op, false><<<blocks, kThreads, 0, stream>>>(op, s, split, nullptr);
+  } else {
+    auto* partial = static_cast<typename Op::A*>(workspace);
+    partial_sums_kernel<Op><<<blocks, kThreads, 0, stream>>>(op, s, split, partial);
+    apply_kernel<Op, true><<<blocks, kThreads, 0, stream>>>(op, s, split, partial);
   }
-  if (threadIdx.x == 0) grad_weight[group] = rstd * values * (covariance - mean_ggx_xh * mean_dy_xh);
+  return cudaGetLastError();
+}
+
+// Calls make.template operator()<T, VEC>() with T the type of dtype and VEC the run length of s.
+template <typename F> cudaError_t with_runs(DType dtype, const GroupShape& s, F&& make) {
+  return dispatch(dtype, [&]<typename T>() {
+    if (run_length<T>(s) > 1) return make.template operator()<T, kVectorWidth<T>>();
+    return make.template operator()<T, 1>();
+  });
+}
+
+bool all_aligned(std::initializer_list<const void*> pointers) {
+  return std::all_of(pointers.begin(), pointers.end(), vector_aligned);
 }
 
 }  // namespace
 
+size_t batch_norm_workspace_bytes(DType dtype, GroupShape s) {
+  return dispatch(dtype, [&]<typename T>() -> size_t {
+    const Split split = split_groups(s, run_length<T>(s));
+    return split.blocks > 1 ? s.groups * split.blocks * kMaxSums * sizeof(Acc<T>) : 0;
+  });
+}
+
 cudaError_t batch_norm_forward(DType dtype, GroupShape s, const void* x, const void* weight, const void* bias,
-                               double eps, void* y, void* mean, void* var, void* rstd, cudaStream_t stream) {
-  return dispatch(dtype, [&]<typename T>() {
-    using A = typename Accumulator<T>::type;
-    forward_kernel<T><<<s.groups, kThreads, 0, stream>>>(s, static_cast<const T*>(x), static_cast<const T*>(weight),
-                                                          static_cast<const T*>(bias), eps, static_cast<T*>(y),
-                                                          static_cast<A*>(mean), static_cast<A*>(var),
-                                                          static_cast<A*>(rstd));
-    return cudaGetLastError();
+                               double eps, void* y, void* mean, void* var, void* rstd, void* workspace,
+                               cudaStream_t stream) {
+  return with_runs(dtype, s, [&]<typename T, int VEC>() {
+    using A = Acc<T>;
+    const Forward<T, VEC> op{static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
+                             static_cast<T*>(y),       static_cast<A*>(mean),         static_cast<A*>(var),
+                             static_cast<A*>(rstd),    A(eps),                        all_aligned({x, y})};
+    return launch(op, s, workspace, stream);
   });
 }
 
 cudaError_t batch_norm_backward(DType dtype, GroupShape s, const void* grad_out, const void* x, const void* weight,
                                 const void* mean, const void* rstd, void* grad_x, void* grad_weight,
-                                void* grad_bias, cudaStream_t stream) {
-  return dispatch(dtype, [&]<typename T>() {
-    using A = typename Accumulator<T>::type;
-    backward_kernel<T><<<s.groups, kThreads, 0, stream>>>(
-        s, static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(weight),
-        static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<T*>(grad_x),
-        static_cast<A*>(grad_weight), static_cast<A*>(grad_bias));
-    return cudaGetLastError();
+                                void* grad_bias, void* workspace, cudaStream_t stream) {
+  return with_runs(dtype, s, [&]<typename T, int VEC>() {
+    using A = Acc<T>;
+    const Backward<T, VEC> op{static_cast<const T*>(grad_out), static_cast<const T*>(x),
+                              static_cast<const T*>(weight),   static_cast<const A*>(mean),
+                              static_cast<const A*>(rstd),     static_cast<T*>(grad_x),
+                              static_cast<A*>(grad_weight),    static_cast<A*>(grad_bias),
+                              all_aligned({grad_out, x, grad_x})};
+    return launch(op, s, workspace, stream);
   });
 }
 
 cudaError_t batch_norm_double_backward(DType dtype, GroupShape s, const void* grad_out, const void* x,
                                        const void* weight, const void* mean, const void* rstd, const void* gg_x,
                                        const void* gg_weight, const void* gg_bias, void* grad_grad_out,
-                                       void* grad_x, void* grad_weight, cudaStream_t stream) {
-  return dispatch(dtype, [&]<typename T>() {
-    using A = typename Accumulator<T>::type;
-    double_backward_kernel<T><<<s.groups, kThreads, 0, stream>>>(
-        s, static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const T*>(weight),
-        static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<const T*>(gg_x),
-        static_cast<const T*>(gg_weight), static_cast<const T*>(gg_bias), static_cast<T*>(grad_grad_out),
-        static_cast<T*>(grad_x), static_cast<A*>(grad_weight));
-    return cudaGetLastError();
+                                       void* grad_x, void* grad_weight, void* workspace, cudaStream_t stream) {
+  return with_runs(dtype, s, [&]<typename T, int VEC>() {
+    using A = Acc<T>;
+    const DoubleBackward<T, VEC> op{static_cast<const T*>(grad_out),
+                                    static_cast<const T*>(x),
+                                    static_cast<const T*>(weight),
+                                    static_cast<const A*>(mean),
+                                    static_cast<const A*>(rstd),
+                                    static_cast<const T*>(gg_x),
+                                    static_cast<const T*>(gg_weight),
+                                    static_cast<const T*>(gg_bias),
+                                    static_cast<T*>(grad_grad_out),
+                                    static_cast<T*>(grad_x),
+                                    static_cast<A*>(grad_weight),
+                                    all_aligned({grad_out, x, gg_x, grad_grad_out, grad_x})};
+    return launch(op, s, workspace, stream);
   });
 }
 

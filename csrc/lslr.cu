@@ -1,5 +1,8 @@
 // The LSLR update's two kernels over the flat [rows, columns] buffer of adapted parameters;
 // see mamlfast/ops/lslr_triton.py for how they make the update and all its derivatives.
+// Segment ids may come in any order; segment_dot sums in a fixed order, without atomics.
+
+#include <climits>
 
 #include "common.cuh"
 
@@ -8,65 +11,97 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-__global__ void segment_axpy_kernel(int64_t rows, int64_t columns, const T* x, const T* s, const int64_t* segment,
-                                    const T* base, T* out) {
-  using A = typename Accumulator<T>::type;
-  const int64_t total = rows * columns;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    A value = load(s, segment[i % columns]) * load(x, i);
+// One thread per column, down the rows: the column's segment id and rate are read once.
+template <typename T, typename I>
+__global__ void segment_axpy_kernel(int64_t rows, int64_t columns, int64_t segments, const T* x, const T* s,
+                                    const I* segment, const T* base, T* out) {
+  const int64_t column = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (column >= columns) return;
+  const int64_t id = segment[column];
+  MAMLFAST_DEVICE_CHECK(id >= 0 && id < segments);
+  const Acc<T> scale = load(s, id);
+  for (int64_t i = column; i < rows * columns; i += columns) {
+    Acc<T> value = scale * load(x, i);
     if (base != nullptr) value += load(base, i);
     store(out, i, value);
   }
 }
 
-// One thread per column sums over rows; a block whose columns share one segment adds its
-// total with one atomic, a block that straddles segments adds column by column.
-template <typename T>
-__global__ void segment_dot_kernel(int64_t rows, int64_t columns, const T* x, const T* y, const int64_t* segment,
-                                   typename Accumulator<T>::type* out) {
-  using A = typename Accumulator<T>::type;
-  __shared__ int64_t first_segment, last_segment;
-  const int64_t first_column = int64_t(blockIdx.x) * blockDim.x;
-  const int64_t column = first_column + threadIdx.x;
-  const int64_t last_column = min(first_column + int64_t(blockDim.x), columns) - 1;
-  if (threadIdx.x == 0) {
-    first_segment = segment[first_column];
-    last_segment = segment[last_column];
+// First pass: each thread sums its column down the rows, then the block sums its columns per
+// segment: partial[t][block] for the segments t the block holds, zero for the others.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+    segment_dot_partials_kernel(int64_t rows, int64_t columns, int64_t segments, const T* x, const T* y,
+                                const I* segment, Acc<T>* partial) {
+  using A = Acc<T>;
+  const int64_t column = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  int64_t id = -1;
+  A sum = 0;
+  if (column < columns) {
+    id = segment[column];
+    MAMLFAST_DEVICE_CHECK(id >= 0 && id < segments);
+    for (int64_t i = column; i < rows * columns; i += columns) sum += load(x, i) * load(y, i);
   }
-  A sums[1] = {0};
-  if (column < columns)
-    for (int64_t row = 0; row < rows; ++row) sums[0] += load(x, row * columns + column) * load(y, row * columns + column);
-  __syncthreads();
-  if (first_segment == last_segment) {  // segments are contiguous: the block lies in one
-    block_sum(sums);
-    if (threadIdx.x == 0) atomicAdd(out + first_segment, sums[0]);
-  } else if (column < columns) {
-    atomicAdd(out + segment[column], sums[0]);
+  // the block's lowest and highest segment id, as the minima of id and -id
+  int64_t bounds[2] = {column < columns ? id : LLONG_MAX, column < columns ? -id : LLONG_MAX};
+  block_reduce(bounds, [](int64_t a, int64_t b) { return min(a, b); });
+  const int64_t first = bounds[0], last = -bounds[1];
+  for (int64_t t = threadIdx.x; t < segments; t += blockDim.x)
+    if (t < first || t > last) partial[t * gridDim.x + blockIdx.x] = 0;
+  for (int64_t t = first; t <= last; ++t) {
+    A total[1] = {id == t ? sum : A(0)};
+    block_sum(total);
+    if (threadIdx.x == 0) partial[t * gridDim.x + blockIdx.x] = total[0];
   }
+}
+
+// Second pass, one block per segment: its partial sums added in block order.
+template <typename A>
+__global__ void __launch_bounds__(kThreads) segment_dot_combine_kernel(int64_t blocks, const A* partial, A* out) {
+  A total[1] = {0};
+  for (int64_t block = threadIdx.x; block < blocks; block += blockDim.x)
+    total[0] += partial[blockIdx.x * blocks + block];
+  block_sum(total);
+  if (threadIdx.x == 0) out[blockIdx.x] = total[0];
 }
 
 }  // namespace
 
-cudaError_t segment_axpy(DType dtype, int64_t rows, int64_t columns, const void* x, const void* s,
-                         const int64_t* segment, const void* base, void* out, cudaStream_t stream) {
+cudaError_t segment_axpy(DType dtype, IndexType index, int64_t rows, int64_t columns, int64_t segments,
+                         const void* x, const void* s, const void* segment, const void* base, void* out,
+                         cudaStream_t stream) {
+  if (rows == 0 || columns == 0) return cudaSuccess;
   return dispatch(dtype, [&]<typename T>() {
-    const int64_t blocks = std::min<int64_t>((rows * columns + kThreads - 1) / kThreads, 65535);
-    segment_axpy_kernel<T><<<blocks, kThreads, 0, stream>>>(rows, columns, static_cast<const T*>(x),
-                                                             static_cast<const T*>(s), segment,
-                                                             static_cast<const T*>(base), static_cast<T*>(out));
-    return cudaGetLastError();
+    return dispatch(index, [&]<typename I>() {
+      segment_axpy_kernel<T, I><<<ceil_div(columns, kThreads), kThreads, 0, stream>>>(
+          rows, columns, segments, static_cast<const T*>(x), static_cast<const T*>(s), static_cast<const I*>(segment),
+          static_cast<const T*>(base), static_cast<T*>(out));
+      return cudaGetLastError();
+    });
   });
 }
 
-cudaError_t segment_dot(DType dtype, int64_t rows, int64_t columns, const void* x, const void* y,
-                        const int64_t* segment, void* out, cudaStream_t stream) {
+size_t segment_dot_workspace_bytes(DType dtype, int64_t columns, int64_t segments) {
+  return dispatch(dtype,
+                  [&]<typename T>() -> size_t { return segments * ceil_div(columns, kThreads) * sizeof(Acc<T>); });
+}
+
+cudaError_t segment_dot(DType dtype, IndexType index, int64_t rows, int64_t columns, int64_t segments,
+                        const void* x, const void* y, const void* segment, void* out, void* workspace,
+                        cudaStream_t stream) {
+  if (segments == 0) return cudaSuccess;
   return dispatch(dtype, [&]<typename T>() {
-    using A = typename Accumulator<T>::type;
-    const int64_t blocks = (columns + kThreads - 1) / kThreads;
-    segment_dot_kernel<T><<<blocks, kThreads, 0, stream>>>(rows, columns, static_cast<const T*>(x),
-                                                            static_cast<const T*>(y), segment, static_cast<A*>(out));
-    return cudaGetLastError();
+    return dispatch(index, [&]<typename I>() {
+      using A = Acc<T>;
+      const int64_t blocks = ceil_div(columns, kThreads);
+      auto* partial = static_cast<A*>(workspace);
+      if (blocks > 0)
+        segment_dot_partials_kernel<T, I><<<blocks, kThreads, 0, stream>>>(
+            rows, columns, segments, static_cast<const T*>(x), static_cast<const T*>(y),
+            static_cast<const I*>(segment), partial);
+      segment_dot_combine_kernel<A><<<segments, kThreads, 0, stream>>>(blocks, partial, static_cast<A*>(out));
+      return cudaGetLastError();
+    });
   });
 }
 

@@ -36,19 +36,26 @@ def task_batch_norm(
     ``training=True`` normalises with the batch statistics and, if running statistics are
     given, updates them in place; ``training=False`` normalises with the running statistics.
     """
-    _check_shapes(x, weight, bias, running_mean, running_var, training)
+    _check_arguments(x, weight, bias, running_mean, running_var, training)
     implementation = _IMPLEMENTATIONS[resolve(backend, x.device)]
     return implementation(x, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
-def _check_shapes(x, weight, bias, running_mean, running_var, training) -> None:
+def _check_arguments(x, weight, bias, running_mean, running_var, training) -> None:
     if x.dim() != 4:
         raise ValueError(f"task_batch_norm expects x of shape [N, B*C, H, W], got {tuple(x.shape)}")
+    if weight.dim() != 1 or bias.shape != weight.shape or weight.shape[0] == 0:
+        raise ValueError(f"weight and bias must both be [C] with C >= 1, got {tuple(weight.shape)} and "
+                         f"{tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not t.is_floating_point() or t.device != x.device:
+            raise ValueError(f"{name} must be a floating-point tensor on x's device {x.device}, "
+                             f"got {t.dtype} on {t.device}")
     channels = weight.shape[0]
-    if weight.dim() != 1 or bias.shape != weight.shape:
-        raise ValueError(f"weight and bias must both be [C], got {tuple(weight.shape)} and {tuple(bias.shape)}")
     if x.shape[1] % channels:
         raise ValueError(f"x has {x.shape[1]} channels, not a multiple of C={channels}")
+    if x.shape[1] == 0:
+        raise ValueError("x has no channels: task_batch_norm needs at least one task")
     if (running_mean is None) != (running_var is None):
         raise ValueError("give both running_mean and running_var, or neither")
     if running_mean is None and not training:
@@ -65,7 +72,7 @@ def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training,
     if not training:
         return F.batch_norm(x, running_mean.repeat(tasks), running_var.repeat(tasks), weight, bias,
                             False, 0.0, eps)
-    if running_mean is None:
+    if running_mean is None or x.numel() == 0:  # no values: no statistics to move towards
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     # With momentum 1, batch_norm overwrites these [B*C] buffers with this batch's
     # per-(task, channel) mean and unbiased variance: the statistics come for free.
@@ -88,7 +95,7 @@ def _fused_task_batch_norm(backend, x, weight, bias, running_mean, running_var, 
         return _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
     kernels = importlib.import_module(f".batch_norm_{backend}", __package__)
     out, mean, var = _TaskBatchNorm.apply(x.contiguous(), weight, bias, eps, kernels)
-    if running_mean is not None:
+    if running_mean is not None and x.numel():
         values = x.numel() // x.shape[1]
         with torch.no_grad():
             # [B*C] -> [B, C] -> mean over tasks [C]; the running variance is unbiased

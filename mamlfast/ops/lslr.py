@@ -28,7 +28,7 @@ def lslr_update(
     backend: str = "auto",
 ) -> torch.Tensor:
     """One gradient step of ``params`` [B, P] with a learning rate per parameter tensor."""
-    _check_shapes(params, grads, lrs, segment_ids)
+    _check_arguments(params, grads, lrs, segment_ids)
     implementation = _IMPLEMENTATIONS[resolve(backend, params.device)]
     return implementation(params, grads, lrs, segment_ids)
 
@@ -39,14 +39,21 @@ def segment_ids_for(sizes: list[int], device: torch.device | None = None) -> tor
                                    torch.tensor(sizes, device=device))
 
 
-def _check_shapes(params, grads, lrs, segment_ids) -> None:
+def _check_arguments(params, grads, lrs, segment_ids) -> None:
     if params.dim() != 2 or grads.shape != params.shape:
         raise ValueError(f"params and grads must both be [B, P], got {tuple(params.shape)} and {tuple(grads.shape)}")
-    if lrs.dim() != 1:
-        raise ValueError(f"lrs must be [T], got {tuple(lrs.shape)}")
-    if segment_ids.shape != (params.shape[1],) or segment_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"segment_ids must be an integer tensor [P]=[{params.shape[1]}], "
-                         f"got {segment_ids.dtype} {tuple(segment_ids.shape)}")
+    if lrs.dim() != 1 or (lrs.shape[0] == 0 and params.shape[1]):
+        raise ValueError(f"lrs must be [T], one rate per segment id, got {tuple(lrs.shape)}")
+    for name, t in (("grads", grads), ("lrs", lrs)):
+        if t.dtype != params.dtype or t.device != params.device:
+            raise ValueError(f"{name} must have params' dtype {params.dtype} and device {params.device}, "
+                             f"got {t.dtype} on {t.device}")
+    if not params.is_floating_point():
+        raise ValueError(f"params must be a floating-point tensor, got {params.dtype}")
+    if (segment_ids.shape != (params.shape[1],) or segment_ids.dtype not in (torch.int32, torch.int64)
+            or segment_ids.device != params.device):
+        raise ValueError(f"segment_ids must be an int32 or int64 tensor [P]=[{params.shape[1]}] on {params.device}, "
+                         f"got {segment_ids.dtype} {tuple(segment_ids.shape)} on {segment_ids.device}")
 
 
 def _torch_lslr_update(params, grads, lrs, segment_ids):

@@ -1,0 +1,140 @@
+// Checks of the arguments of the operators torch.ops.mamlfast.*, shared by their
+// implementations on every device: a call that the kernels cannot take fails here, before
+// anything runs, with a one-line ValueError naming the operator and the argument.
+//
+// What every implementation may then rely on: all tensors are contiguous and on x's device;
+// floating-point tensors are float32, float64, float16 or bfloat16, of x's dtype (statistics:
+// float64 for float64 activations, float32 otherwise); segment ids are int32 or int64 (their
+// values are checked by the kernels, which can see them); sizes agree as documented below.
+// Zero-size tensors are valid.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "shapes.h"
+
+namespace mamlfast::checks {
+
+inline bool is_floating(at::ScalarType type) {
+  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
+}
+
+// The dtype of per-group statistics and per-segment sums of tensors like x.
+inline at::ScalarType statistics_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_memory(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_floating(const char* op, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(is_floating(x.scalar_type()), op, ": ", name,
+                    " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  check_memory(op, x, name, x);
+}
+
+// t has x's sizes and dtype, and x's memory layout.
+inline void check_like_x(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+                    ", got ", t.scalar_type());
+  check_memory(op, t, name, x);
+}
+
+// t is a vector [length] of the given dtype on x's device.
+inline void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t length, at::ScalarType dtype,
+                         const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must be [", length, "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  check_memory(op, t, name, x);
+}
+
+// x [N, B*C, H, W] and weight [C]: the sizes of the batch norm's groups.
+inline GroupShape check_activations(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, B*C, H, W], got ", x.sizes());
+  check_floating(op, x, "x");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) > 0, op, ": weight must be [C] with C >= 1, got ",
+                    weight.sizes());
+  const int64_t channels = weight.size(0);
+  TORCH_CHECK_VALUE(x.size(1) % channels == 0, op, ": x.size(1) = ", x.size(1), " is not a multiple of C = ",
+                    channels);
+  check_vector(op, weight, "weight", channels, x.scalar_type(), x);
+  return {x.size(0), x.size(1), channels, x.size(2) * x.size(3)};
+}
+
+// mean and rstd [B*C], as batch_norm_forward returns them.
+inline void check_statistics(const char* op, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x) {
+  check_vector(op, mean, "mean", x.size(1), statistics_type(x), x);
+  check_vector(op, rstd, "rstd", x.size(1), statistics_type(x), x);
+}
+
+inline GroupShape check_batch_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                           double eps) {
+  constexpr const char* op = "mamlfast::batch_norm_forward";
+  const GroupShape shape = check_activations(op, x, weight);
+  check_vector(op, bias, "bias", shape.channels, x.scalar_type(), x);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  return shape;
+}
+
+inline GroupShape check_batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                            const at::Tensor& weight, const at::Tensor& mean,
+                                            const at::Tensor& rstd) {
+  constexpr const char* op = "mamlfast::batch_norm_backward";
+  const GroupShape shape = check_activations(op, x, weight);
+  check_like_x(op, grad_out, "grad_out", x);
+  check_statistics(op, mean, rstd, x);
+  return shape;
+}
+
+inline GroupShape check_batch_norm_double_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                   const at::Tensor& weight, const at::Tensor& mean,
+                                                   const at::Tensor& rstd, const at::Tensor& gg_x,
+                                                   const at::Tensor& gg_weight, const at::Tensor& gg_bias) {
+  constexpr const char* op = "mamlfast::batch_norm_double_backward";
+  const GroupShape shape = check_activations(op, x, weight);
+  check_like_x(op, grad_out, "grad_out", x);
+  check_statistics(op, mean, rstd, x);
+  check_like_x(op, gg_x, "gg_x", x);
+  check_vector(op, gg_weight, "gg_weight", shape.channels, x.scalar_type(), x);
+  check_vector(op, gg_bias, "gg_bias", shape.channels, x.scalar_type(), x);
+  return shape;
+}
+
+// x [B, P] and segment ids [P], int32 or int64, in any order.
+inline void check_segments(const char* op, const at::Tensor& x, const at::Tensor& segment) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [B, P], got ", x.sizes());
+  check_floating(op, x, "x");
+  TORCH_CHECK_VALUE(segment.dim() == 1 && segment.size(0) == x.size(1), op, ": segment must be [P] = [", x.size(1),
+                    "], got ", segment.sizes());
+  TORCH_CHECK_VALUE(segment.scalar_type() == at::kInt || segment.scalar_type() == at::kLong, op,
+                    ": segment must be int32 or int64, got ", segment.scalar_type());
+  check_memory(op, segment, "segment", x);
+}
+
+// s [T] holds one rate per segment: T >= 1 wherever there are columns to scale.
+inline void check_segment_axpy(const at::Tensor& x, const at::Tensor& s, const at::Tensor& segment,
+                               const std::optional<at::Tensor>& base) {
+  constexpr const char* op = "mamlfast::segment_axpy";
+  check_segments(op, x, segment);
+  TORCH_CHECK_VALUE(s.dim() == 1 && (s.size(0) > 0 || x.size(1) == 0), op,
+                    ": s must be [T], one value per segment id, got ", s.sizes());
+  check_vector(op, s, "s", s.size(0), x.scalar_type(), x);
+  if (base) check_like_x(op, *base, "base", x);
+}
+
+inline void check_segment_dot(const at::Tensor& x, const at::Tensor& y, const at::Tensor& segment,
+                              int64_t segments) {
+  constexpr const char* op = "mamlfast::segment_dot";
+  check_segments(op, x, segment);
+  check_like_x(op, y, "y", x);
+  TORCH_CHECK_VALUE(segments > 0 || (segments == 0 && x.size(1) == 0), op,
+                    ": segments must be >= 1 (one more than the largest segment id), got ", segments);
+}
+
+}  // namespace mamlfast::checks
