@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from meta_step import print_table  # noqa: E402
+from tables import meta_step_table  # noqa: E402
 
 from mamlfast.files import write_json  # noqa: E402
 
@@ -20,7 +20,7 @@ def main(out: Path) -> None:
     runs = [json.loads(path.read_text()) for path in sorted(out.glob("meta_step-*.json"))]
     if not runs:
         raise SystemExit(f"no meta_step-*.json in {out}")
-    summary = {key: runs[0][key] for key in ("device", "torch", "triton", "repeats", "warmup")}
+    summary = {key: runs[0][key] for key in ("device", "torch", "triton", "repeats", "warmup", "interrupted")}
     summary["rows"] = [{k: v for k, v in row.items() if k != "all_ms"} for run in runs for row in run["rows"]]
     summary["threads"] = runs[0]["threads"]
     for name in ("tests", "sanitizer"):
@@ -28,7 +28,7 @@ def main(out: Path) -> None:
         summary[name] = log.read_text().strip().splitlines()[-1] if log.exists() and log.read_text().strip() else None
     write_json(out / "gpu.json", summary)
     print(f"tests: {summary['tests']}\nsanitizer: {summary['sanitizer']}")
-    print_table(summary)
+    print("\n".join(meta_step_table(summary)))
 
 
 if __name__ == "__main__":
