@@ -1,8 +1,12 @@
-"""The benchmarks' own correctness: the torch.func peer computes MAML++, and meta_step.py reports failures
-as error rows and keeps what it measured."""
+"""The benchmarks' own correctness: the torch.func peer computes MAML++, meta_step.py reports failures
+as error rows and keeps what it measured, and the GPU check's control flow runs (as a dry run on the CPU)."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +25,10 @@ TINY = ["--preset", "omniglot-5w1s", "--tasks", "2", "--override", "image_size=1
 
 
 @pytest.fixture(autouse=True)
-def restore_threads():
-    """meta_step.main sets torch's thread count (one thread: tiny shapes gain nothing from two)."""
+def one_thread():
+    """Tiny shapes gain nothing from more threads, and lose much on a busy machine; meta_step.main sets it too."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
@@ -77,3 +82,49 @@ def test_meta_step_keeps_what_it_measured_when_interrupted(monkeypatch):
     rows = {row["backend"]: row for row in result["rows"]}
     assert rows["loop"]["median_ms"] == 10.0 and rows["func"]["speedup_over_loop"] == 1.0
     assert rows["torch"]["error"] == "interrupted before it was timed"
+
+
+def _dry_run(out: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+                            env=dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DRY_RUN="1", **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    check = _dry_run(tmp_path)
+    output, _ = check.communicate(timeout=300)
+    assert check.returncode == 0, output
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    assert [step["name"] for step in summary["steps"]] == [
+        "install", "info", "meta_step-omniglot-20w1s", "tests", "profile-omniglot-20w1s", "meta_step-omniglot-5w1s",
+        "meta_step-mini-imagenet-5w1s", "kernels", "sanitizer"]
+    assert all(step["outcome"] == "passed" for step in summary["steps"])
+    assert summary["environment"]["cuda_home"] != "none"  # the toolkit behind the nvcc wrapper, where there is one
+    assert "collected" in summary["tests"]["summary"] and "collected" in summary["sanitizer"]["summary"]
+    assert [run["rows"][0]["preset"] for run in summary["meta_step"]] == [
+        "mini-imagenet-5w1s", "omniglot-20w1s", "omniglot-5w1s"]
+    for run in summary["meta_step"]:
+        assert [(row["backend"], row["error"]) for row in run["rows"]] == [
+            ("loop", None), ("func", None), ("torch", None), ("auto", None)]
+    assert summary["profiles"][0]["profiles"]["auto"]["ops"]
+    assert summary["kernels"]["rows"]
+
+
+def test_gpu_check_goes_on_after_a_failure_and_summarizes_when_stopped(tmp_path):
+    """A failed build falls back to an install without the extension, a failed step does not end the
+    check, and SIGTERM stops it with gpu.json written."""
+    check = _dry_run(tmp_path, GPU_CHECK_FAIL="install,tests")
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "profile-omniglot-20w1s.txt").exists() and check.poll() is None:
+        assert time.monotonic() < deadline, "the dry run did not reach the profile step"
+        time.sleep(0.1)
+    check.send_signal(signal.SIGTERM)
+    output, _ = check.communicate(timeout=60)
+    assert check.returncode == 143, output
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    outcomes = {step["name"]: step["outcome"] for step in summary["steps"]}
+    assert outcomes == {"install": "failed", "install-without-extension": "passed", "info": "passed",
+                        "meta_step-omniglot-20w1s": "passed", "tests": "failed",
+                        "profile-omniglot-20w1s": "interrupted"}
+    assert "planted failure" in summary["steps"][0]["log_tail"][-1]
+    assert summary["meta_step"][0]["rows"][0]["preset"] == "omniglot-20w1s"
