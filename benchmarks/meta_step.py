@@ -225,6 +225,13 @@ def measure(args) -> dict:
     for configuration in args.configurations:
         if configuration not in errors and not times.get(configuration):
             errors[configuration] = "interrupted before it was timed"
+    return dict(device=device_name(device), **versions(), threads=torch.get_num_threads(), repeats=args.repeats,
+                warmup=args.warmup, overrides=args.overrides, interrupted=interrupted,
+                rows=_rows(args, errors, times, memory))
+
+
+def _rows(args, errors: dict[str, str], times: dict[str, list[float]], memory: dict[str, int | None]) -> list[dict]:
+    """One row per configuration: its median and speed-ups over the yardsticks, or its error."""
     medians = {c: median(t) for c, t in times.items() if t and c not in errors}
     tasks = config(args, "loop", False).meta_batch_size
     rows = []
@@ -232,18 +239,15 @@ def measure(args) -> dict:
         backend, _, graphs = configuration.partition("+")
         ms = medians.get(configuration)
         peak = memory.get(configuration) if ms and not args.no_memory else None
-
-        def speedup(yardstick):
-            return medians[yardstick] / ms if ms and yardstick in medians else None
-
+        speedups = {yardstick: medians[yardstick] / ms if ms and yardstick in medians else None
+                    for yardstick in YARDSTICKS}
         rows.append(dict(preset=args.preset, variant=args.variant, backend=backend, graphs=graphs == "graphs",
                          epoch=args.epoch, tasks=tasks, error=errors.get(configuration), median_ms=ms,
                          tasks_per_second=tasks / ms * 1e3 if ms else None,
                          peak_memory_mb=peak / 2**20 if peak is not None else None,
-                         speedup_over_loop=speedup("loop"), speedup_over_func=speedup("func"),
+                         speedup_over_loop=speedups["loop"], speedup_over_func=speedups["func"],
                          all_ms=times.get(configuration, [])))
-    return dict(device=device_name(device), **versions(), threads=torch.get_num_threads(), repeats=args.repeats,
-                warmup=args.warmup, overrides=args.overrides, interrupted=interrupted, rows=rows)
+    return rows
 
 
 def profile(args) -> dict:
@@ -252,23 +256,32 @@ def profile(args) -> dict:
     on_gpu = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     profiles = {}
+    try:
+        for configuration in args.configurations:
+            profiles[configuration] = _profile_one(args, configuration, activities)
+            gc.collect()  # the last configuration's memory, before the next
+    except KeyboardInterrupt:
+        pass
     for configuration in args.configurations:
-        try:
-            prepared = prepare(args, configuration)
-            with torch.profiler.profile(activities=activities) as profiler:
-                prepared.iterate()
-                if on_gpu:
-                    torch.cuda.synchronize(device)
-            if prepared.step is not None and prepared.step.cfg.cuda_graphs and not prepared.step.graph_replayed:
-                raise RuntimeError(f"CUDA graphs asked for, not replayed: {prepared.step.eager_reason}")
-            profiles[configuration] = _top_ops(profiler.key_averages(), on_gpu, args.top)
-        except Exception as error:
-            traceback.print_exc()
-            profiles[configuration] = dict(error=one_line(error))
-        prepared = None
-        gc.collect()
+        profiles.setdefault(configuration, dict(error="interrupted before it was profiled"))
     return dict(device=device_name(device), **versions(), preset=args.preset, overrides=args.overrides,
                 clock="device" if on_gpu else "CPU", top=args.top, profiles=profiles)
+
+
+def _profile_one(args, configuration: str, activities) -> dict:
+    on_gpu = torch.device(args.device).type == "cuda"
+    try:
+        prepared = prepare(args, configuration)
+        with torch.profiler.profile(activities=activities) as profiler:
+            prepared.iterate()
+            if on_gpu:
+                torch.cuda.synchronize()
+        if prepared.step is not None and prepared.step.cfg.cuda_graphs and not prepared.step.graph_replayed:
+            raise RuntimeError(f"CUDA graphs asked for, not replayed: {prepared.step.eager_reason}")
+        return _top_ops(profiler.key_averages(), on_gpu, args.top)
+    except Exception as error:
+        traceback.print_exc()
+        return dict(error=one_line(error))
 
 
 def _top_ops(averages, on_gpu: bool, top: int) -> dict:
