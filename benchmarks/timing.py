@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -17,20 +18,48 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def time_interleaved(functions: dict[str, Callable[[], object]], device: torch.device,
-                     repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(functions: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
+                     *, errors: dict[str, str] | None = None,
+                     times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Milliseconds of each call, the functions taking turns so that noise hits all alike.
 
-    GPU time is read from CUDA events around each call.
+    GPU time is read from CUDA events around each call. With ``errors``, a function that raises
+    is dropped, its error recorded there in one line (the traceback goes to stderr), and the
+    others go on. ``times``, if given, is filled as the calls happen, so that an interrupted run
+    keeps what it measured.
     """
-    for fn in functions.values():
+    times = {} if times is None else times
+    running = dict(functions)
+
+    def attempt(name: str, timed: bool) -> None:
+        try:
+            if timed:
+                times[name].append(_time_once(running[name], device))
+            else:
+                running[name]()
+        except Exception as error:
+            if errors is None:
+                raise
+            traceback.print_exc()
+            errors[name] = one_line(error)
+            del running[name]
+
+    for name in functions:
+        times.setdefault(name, [])
         for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in functions}
+            if name in running:
+                attempt(name, timed=False)
     for _ in range(repeats):
-        for name, fn in functions.items():
-            times[name].append(_time_once(fn, device))
+        for name in list(running):
+            attempt(name, timed=True)
     return times
+
+
+def one_line(error: BaseException) -> str:
+    """An exception in one line: its type, the first line of its message and, if different, the last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+    return f"{type(error).__name__}: {message}"[:500]
 
 
 def _time_once(fn: Callable[[], object], device: torch.device) -> float:

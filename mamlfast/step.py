@@ -49,12 +49,22 @@ def match_optimizer_to_device(optimizer: torch.optim.Adam, scheduler, device: to
 class MetaStep:
     """Runs meta-iterations of ``learner`` with ``optimizer``, captured in CUDA graphs where
     ``cfg.cuda_graphs`` asks and the device allows, eagerly otherwise. With several ``ranks``,
-    each computes the meta-gradient of its share of the tasks and the ranks average them."""
+    each computes the meta-gradient of its share of the tasks and the ranks average them.
+
+    What really ran is recorded: ``replays`` counts the meta-iterations replayed from a graph,
+    ``graph_replayed`` says whether the last one was, and ``eager_reason`` says why graphs that
+    were asked for are not used (no CUDA device, the reference path, several ranks, a failed capture)."""
 
     def __init__(self, learner: MAMLPlusPlus, optimizer: torch.optim.Optimizer, cfg: MAMLConfig,
                  device: torch.device, ranks: Ranks = Ranks()):
         self.learner, self.optimizer, self.cfg, self.device, self.ranks = learner, optimizer, cfg, device, ranks
-        self.graphs = cfg.cuda_graphs and self._graphs_possible()
+        # Why meta-iterations run eagerly although graphs were asked for (None: they were not, or they run captured)
+        self.eager_reason = self._graphs_impossible_reason() if cfg.cuda_graphs else None
+        if self.eager_reason:
+            log.info("%s", self.eager_reason)
+        self.graphs = cfg.cuda_graphs and self.eager_reason is None
+        self.replays = 0
+        self._last_replayed = False
         self.phase = None          # (second order, query steps) of the current graph
         self.graph = None
         self.warmups_left = 0
@@ -68,6 +78,7 @@ class MetaStep:
         overwritten by the next call."""
         weights = msl_weights(self.cfg, epoch)
         phase = (use_second_order(self.cfg, epoch), query_steps(weights))
+        self._last_replayed = False
         if not self.graphs:
             return self._body(batch, weights, *phase)
         if phase != self.phase:
@@ -81,7 +92,14 @@ class MetaStep:
             if not self.graphs:  # capture failed: this iteration runs eagerly
                 return self._body(self.static_batch, weights, *phase)
         self.graph.replay()
+        self.replays += 1
+        self._last_replayed = True
         return self.static_out
+
+    @property
+    def graph_replayed(self) -> bool:
+        """Whether the last meta-iteration was replayed from a CUDA graph (not run eagerly)."""
+        return self._last_replayed
 
     def _body(self, batch, weights, second_order, steps) -> MetaOutput:
         # Inside a capture this launches nothing: the gradients the backward then creates
@@ -95,17 +113,14 @@ class MetaStep:
         self.optimizer.step()
         return out
 
-    def _graphs_possible(self) -> bool:
+    def _graphs_impossible_reason(self) -> str | None:
         if self.device.type != "cuda":
-            log.info("CUDA graphs need a CUDA device: meta-iterations run eagerly on %s", self.device)
-            return False
+            return f"CUDA graphs need a CUDA device: meta-iterations run eagerly on {self.device}"
         if self.cfg.backend == "loop":
-            log.info("CUDA graphs are not used with the per-task reference path (backend='loop')")
-            return False
+            return "CUDA graphs are not used with the per-task reference path (backend='loop')"
         if self.ranks.world > 1:
-            log.info("CUDA graphs are not used across several ranks: meta-iterations run eagerly")
-            return False
-        return True
+            return "CUDA graphs are not used across several ranks: meta-iterations run eagerly"
+        return None
 
     def _fill_static(self, batch: TaskBatch, weights: list[float]) -> None:
         if self.static_batch is None:
@@ -133,7 +148,8 @@ class MetaStep:
             with torch.cuda.graph(graph):
                 out = self._body(self.static_batch, self.static_weights, second_order, steps)
         except RuntimeError as error:
-            log.warning("CUDA graph capture failed, running meta-iterations eagerly: %s", error)
+            self.eager_reason = f"CUDA graph capture failed, running meta-iterations eagerly: {error}"
+            log.warning("%s", self.eager_reason)
             self.graphs = False
             return
         self.graph = graph

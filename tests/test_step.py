@@ -37,11 +37,20 @@ def test_eager_step_is_forward_backward_clip_and_adam(small_cfg):
 
 
 def test_graphs_fall_back_to_eager_on_the_cpu_and_say_why(small_cfg, caplog):
+    """Graphs asked for on the CPU: every meta-iteration runs eagerly, and the step reports none replayed."""
+    batch = random_batch(small_cfg, 2, dtype=torch.float32)
     with caplog.at_level(logging.INFO, logger="mamlfast.step"):
         _, _, step = _run(small_cfg.replace(cuda_graphs=True), perturbed_learner(small_cfg, dtype=torch.float32),
-                          [random_batch(small_cfg, 2, dtype=torch.float32)], [0], "cpu")
-    assert not step.graphs
+                          [batch] * 4, [0] * 4, "cpu")
+    assert not step.graphs and step.replays == 0 and not step.graph_replayed
+    assert step.eager_reason.startswith("CUDA graphs need a CUDA device")
     assert "CUDA graphs need a CUDA device" in caplog.text
+
+
+def test_graphs_not_asked_for_have_no_reason_to_report(small_cfg):
+    _, _, step = _run(small_cfg.replace(cuda_graphs=False), perturbed_learner(small_cfg, dtype=torch.float32),
+                      [random_batch(small_cfg, 2, dtype=torch.float32)], [0], "cpu")
+    assert step.eager_reason is None and step.replays == 0 and not step.graph_replayed
 
 
 @gpu
@@ -62,7 +71,8 @@ def test_captured_steps_equal_eager_steps(small_cfg, backend, monkeypatch):
         learner = perturbed_learner(cfg, dtype=torch.float32)
         results[graphs] = _run(cfg.replace(cuda_graphs=graphs), learner, batches, epochs, DEVICE)
     (eager, eager_losses, _), (captured, captured_losses, step) = results[False], results[True]
-    assert step.graphs and step.graph is not None
+    assert step.graphs and step.graph is not None and step.eager_reason is None
+    assert step.replays == 6 and step.graph_replayed  # per phase: 2 eager warm-ups, the capture's replay, 1 more
     bitwise = resolve(backend, torch.device(DEVICE)) != "torch"
     assert captured_losses == (eager_losses if bitwise else pytest.approx(eager_losses, rel=1e-5))
     tolerance = dict(rtol=0, atol=0) if bitwise else dict(rtol=1e-5, atol=1e-6)
@@ -70,6 +80,22 @@ def test_captured_steps_equal_eager_steps(small_cfg, backend, monkeypatch):
         torch.testing.assert_close(p, q, **tolerance, msg=name)
     for (name, b), c in zip(captured.named_buffers(), eager.buffers()):
         torch.testing.assert_close(b, c, **tolerance, msg=name)
+
+
+@gpu
+def test_failed_capture_runs_eagerly_and_reports_it(small_cfg, monkeypatch):
+    def failing_capture(*args, **kwargs):
+        raise RuntimeError("planted capture failure")
+
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    cfg = small_cfg.replace(backend="torch", cuda_graphs=True)
+    batches = [random_batch(cfg, 3, dtype=torch.float32, seed=i) for i in range(4)]
+    _, losses, step = _run(cfg, perturbed_learner(cfg, dtype=torch.float32), batches, [0] * 4, DEVICE)
+    _, eager_losses, _ = _run(cfg.replace(cuda_graphs=False), perturbed_learner(cfg, dtype=torch.float32), batches,
+                              [0] * 4, DEVICE)
+    assert not step.graphs and step.replays == 0 and not step.graph_replayed
+    assert "CUDA graph capture failed" in step.eager_reason and "planted capture failure" in step.eager_reason
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
 
 
 def test_optimizer_state_from_a_gpu_run_resumes_on_the_cpu(small_cfg):

@@ -1,0 +1,133 @@
+"""The benchmarks' own correctness: the torch.func peer computes MAML++, meta_step.py reports failures
+as error rows and keeps what it measured, and the GPU check's control flow runs (as a dry run on the CPU)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import perturbed_learner, random_batch, relative_errors
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import meta_step  # noqa: E402
+from func_peer import FuncMAMLPlusPlus  # noqa: E402
+
+TINY = ["--preset", "omniglot-5w1s", "--tasks", "2", "--override", "image_size=16", "--override", "num_filters=4",
+        "--repeats", "2", "--warmup", "1", "--no-memory", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from more threads, and lose much on a busy machine; meta_step.main sets it too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("first_order_epochs, epoch", [(0, 3), (50, 4), (0, 60)],
+                         ids=["second order with MSL", "first order with MSL", "second order after MSL"])
+def test_func_peer_matches_the_reference(small_cfg, first_order_epochs, epoch):
+    """Meta-loss, accuracy and every meta-gradient of the torch.func peer equal loop's, in training mode
+    (loop's running-statistics updates do not enter its loss; the peer keeps none)."""
+    cfg = small_cfg.replace(backend="loop", first_order_epochs=first_order_epochs)
+    learner = perturbed_learner(cfg)
+    peer = FuncMAMLPlusPlus(cfg).to(torch.float64).load_learner(learner)
+    batch = random_batch(cfg, cfg.meta_batch_size)
+    expected = learner(batch, epoch)
+    expected.loss.backward()
+    loss, accuracy = peer(batch, epoch)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+    assert accuracy.item() == pytest.approx(expected.accuracy.item())
+    grads = {name: p.grad for name, p in peer.named_parameters()}
+    assert set(grads) == {name for name, _ in learner.named_parameters()}
+    errors = relative_errors({name: p.grad for name, p in learner.named_parameters()}, grads)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_meta_step_reports_failures_as_error_rows(tmp_path):
+    """Graphs asked for on the CPU and a backend that cannot run become error rows; the rest is timed."""
+    result = meta_step.main(TINY + ["--backends", "torch,cuda,auto+graphs", "--json", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(result))
+    rows = {(row["backend"], row["graphs"]): row for row in result["rows"]}
+    assert list(rows) == [("loop", False), ("func", False), ("torch", False), ("cuda", False), ("auto", True)]
+    for key in [("loop", False), ("func", False), ("torch", False)]:
+        row = rows[key]
+        assert row["error"] is None and len(row["all_ms"]) == 2
+        assert row["speedup_over_loop"] == pytest.approx(rows["loop", False]["median_ms"] / row["median_ms"])
+        assert row["speedup_over_func"] == pytest.approx(rows["func", False]["median_ms"] / row["median_ms"])
+    assert "BackendUnavailable: backend 'cuda' is not available" in rows["cuda", False]["error"]
+    assert "CUDA graphs asked for, not replayed: CUDA graphs need a CUDA device" in rows["auto", True]["error"]
+    assert all(rows[key]["median_ms"] is None for key in [("cuda", False), ("auto", True)])
+    assert meta_step.failed(result)
+
+
+def test_meta_step_keeps_what_it_measured_when_interrupted(monkeypatch):
+    def interrupted_timing(functions, device, repeats, warmup, *, errors, times):
+        times.update({name: [10.0] for name in functions if name != "torch"})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(meta_step, "time_interleaved", interrupted_timing)
+    result = meta_step.main(TINY + ["--backends", "torch"])
+    assert result["interrupted"] and meta_step.failed(result)
+    rows = {row["backend"]: row for row in result["rows"]}
+    assert rows["loop"]["median_ms"] == 10.0 and rows["func"]["speedup_over_loop"] == 1.0
+    assert rows["torch"]["error"] == "interrupted before it was timed"
+
+
+def _dry_run(out: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+                            env=dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DRY_RUN="1", **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    check = _dry_run(tmp_path)
+    output, _ = check.communicate(timeout=300)
+    assert check.returncode == 0, output
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    assert [step["name"] for step in summary["steps"]] == [
+        "install", "info", "meta_step-omniglot-20w1s", "tests", "profile-omniglot-20w1s", "meta_step-omniglot-5w1s",
+        "meta_step-mini-imagenet-5w1s", "kernels", "sanitizer"]
+    assert all(step["outcome"] == "passed" for step in summary["steps"])
+    if shutil.which("nvcc"):  # the toolkit nvcc reports, also where the nvcc on PATH is a wrapper script
+        assert (Path(summary["environment"]["cuda_home"]) / "bin" / "nvcc").is_file()
+    assert "collected" in summary["tests"]["summary"] and "collected" in summary["sanitizer"]["summary"]
+    assert [run["rows"][0]["preset"] for run in summary["meta_step"]] == [
+        "mini-imagenet-5w1s", "omniglot-20w1s", "omniglot-5w1s"]
+    for run in summary["meta_step"]:
+        assert [(row["backend"], row["error"]) for row in run["rows"]] == [
+            ("loop", None), ("func", None), ("torch", None), ("auto", None)]
+    assert summary["profiles"][0]["profiles"]["auto"]["ops"]
+    assert summary["kernels"]["rows"]
+
+
+def test_gpu_check_goes_on_after_a_failure_and_summarizes_when_stopped(tmp_path):
+    """A failed build falls back to an install without the extension, a failed step does not end the
+    check, and SIGTERM stops it with gpu.json written."""
+    check = _dry_run(tmp_path, GPU_CHECK_FAIL="install,tests")
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "profile-omniglot-20w1s.txt").exists() and check.poll() is None:
+        assert time.monotonic() < deadline, "the dry run did not reach the profile step"
+        time.sleep(0.1)
+    time.sleep(1)  # the step is under way
+    check.send_signal(signal.SIGTERM)
+    output, _ = check.communicate(timeout=60)
+    assert check.returncode == 143, output
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    outcomes = {step["name"]: step["outcome"] for step in summary["steps"]}
+    assert outcomes == {"install": "failed", "install-without-extension": "passed", "info": "passed",
+                        "meta_step-omniglot-20w1s": "passed", "tests": "failed",
+                        "profile-omniglot-20w1s": "interrupted"}
+    assert "planted failure" in summary["steps"][0]["log_tail"][-1]
+    assert summary["meta_step"][0]["rows"][0]["preset"] == "omniglot-20w1s"
