@@ -283,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"mamlfast: {stop}", file=sys.stderr)
+        _tell_once(f"mamlfast: {stop}")
         return 130
     except TrainingDiverged as divergence:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"mamlfast: error: {divergence}", file=sys.stderr)
+        _tell_once(f"mamlfast: error: {divergence}")
         return 3
+    except KeyboardInterrupt:  # outside training (which turns Ctrl-C into a checkpoint), e.g. while decoding data
+        _tell_once("mamlfast: interrupted")
+        return 130
     except (ValueError, ops.BackendUnavailable, OSError, distributed.DistributedError) as error:
         if os.environ.get("MAMLFAST_DEBUG"):
             raise
@@ -297,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.shutdown()
+
+
+def _tell_once(message: str) -> None:
+    """Print ``message`` on rank 0 only: under torchrun every rank stops alike."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -397,6 +397,19 @@ def test_a_diverging_run_exits_nonzero_with_one_line(tmp_path, monkeypatch, caps
                     expected_code=3)
 
 
+def test_ctrl_c_outside_training_exits_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("mamlfast.cli.load_dataset", interrupted)  # Ctrl-C while the images decode
+    try:
+        code, _, err = _main(capsys, *TRAIN)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped as a traceback")
+    _one_line_error(code, err, "mamlfast: interrupted", expected_code=130)
+
+
 def test_keep_0_says_which_model_was_tested(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, out, err = _main(capsys, *TRAIN, "--epochs", "1", "--keep", "0")

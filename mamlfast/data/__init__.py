@@ -39,8 +39,7 @@ def load_dataset(name: str, cfg: MAMLConfig, root: str | Path | None = None, pro
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
         if root is not None:
-            raise DatasetError(f"the synthetic dataset is built in and reads no data root, but {root} was given: "
-                               f"name its dataset (--dataset omniglot or mini-imagenet)")
+            raise DatasetError(f"the synthetic dataset is built in and reads no data root, but {root} was given")
         splits = make_synthetic(cfg.seed, cfg.image_size, cfg.image_channels)
         return FewShotDataset(name, splits, (0.0,) * cfg.image_channels, (1.0,) * cfg.image_channels, False)
     if root is None:
