@@ -158,10 +158,10 @@ def run_train(args) -> int:
     if args.resume:
         trainer.resume(saved)
     say = print if ranks.is_main else (lambda *_: None)
-    say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
-        f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
-        f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
     with trainer.own_folder():
+        say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
+            f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
+            f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
         trainer.fit(stop_at=args.stop_at)
         summary = trainer.test()
     ranks.barrier()  # no rank leaves the process group while another still uses it
