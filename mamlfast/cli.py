@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import platform
 import sys
@@ -14,9 +15,10 @@ from tqdm import tqdm
 
 from . import __version__, checkpoints, distributed, ops
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
-from .data import DATASETS, load_dataset
+from .data import DATASETS, infer_dataset, load_dataset
 from .data.download import default_omniglot_root, download_omniglot
-from .train import FixedTasks, Trainer, TrainingInterrupted, eval_chunk, mean_and_ci95
+from .train import FixedTasks, Trainer, TrainingDiverged, TrainingInterrupted, check_fresh_folder, eval_chunk, \
+    mean_and_ci95
 
 DEFAULT_PRESET = "omniglot-5w1s"
 
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=list(PRESETS), default=None,
                        help=f"the paper's configuration (default {DEFAULT_PRESET}; on --resume, the checkpoint's)")
     train.add_argument("--variant", choices=VARIANTS, default=None, help="maml++ (default), maml or fomaml")
-    train.add_argument("--dataset", choices=DATASETS, default=None, help="default: synthetic (built in)")
+    train.add_argument("--dataset", choices=DATASETS, default=None,
+                       help="default: the one --data-root holds, else synthetic (built in)")
     train.add_argument("--data-root", default=None,
                        help="folder of the omniglot or mini-imagenet data (omniglot default: ~/.cache/mamlfast/omniglot)")
     train.add_argument("--download", action="store_true",
@@ -45,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<preset>-<variant>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
-    train.add_argument("--keep", type=int, default=5, help="best checkpoints kept, and the test ensemble's size")
-    train.add_argument("--log-every", type=int, default=10, help="iterations between metrics records")
+    train.add_argument("--keep", type=_integer(0), default=5,
+                       help="best checkpoints kept, and the test ensemble's size (0: keep none, test the final model)")
+    train.add_argument("--log-every", type=_integer(1), default=10, help="iterations between metrics records")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--stop-at", type=int, default=None, metavar="ITERATION",
+    train.add_argument("--stop-at", type=_integer(0), default=None, metavar="ITERATION",
                        help="stop at this iteration as on Ctrl-C (checkpoint; continue with --resume)")
-    train.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+    train.add_argument("--dist-timeout", type=_seconds, default=600.0, metavar="SECONDS",
                        help="under torchrun: how long a rank waits for the others before giving up")
     fields = train.add_argument_group("MAMLConfig fields (override the preset)")
     for field in dataclasses.fields(MAMLConfig):
@@ -58,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="test saved checkpoints on the fixed test tasks")
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run or checkpoints folder")
-    evaluate.add_argument("--tasks", type=int, default=None, help="number of test tasks (default: the config's)")
-    evaluate.add_argument("--ensemble", type=int, default=5, help="ensemble the K best checkpoints of a folder")
+    evaluate.add_argument("--tasks", type=_integer(1), default=None,
+                          help="number of test tasks (default: the config's)")
+    evaluate.add_argument("--ensemble", type=_integer(1), default=5, help="ensemble the K best checkpoints of a folder")
     evaluate.add_argument("--split", choices=("test", "val"), default="test")
     evaluate.add_argument("--data-root", default=None, help="where the data is now, if it moved")
     evaluate.add_argument("--device", default=None)
@@ -86,14 +91,45 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def _integer(low: int):
+    """An option's type: an integer, at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _field_overrides(args) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(MAMLConfig) if getattr(args, f.name) is not None}
 
 
 def _device(requested: str | None, ranks: distributed.Ranks = distributed.Ranks()) -> torch.device:
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {requested}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {requested}: mamlfast runs on cpu or cuda, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+        raise ValueError(f"--device {requested} was asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
     return device
@@ -102,10 +138,12 @@ def _device(requested: str | None, ranks: distributed.Ranks = distributed.Ranks(
 def run_train(args) -> int:
     overrides = _field_overrides(args)
     preset, variant = args.preset or DEFAULT_PRESET, args.variant or "maml++"
-    dataset_name = args.dataset or "synthetic"
+    # resolved, so that eval and --resume find the data from any working directory
+    data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
+    dataset_name = args.dataset or ("omniglot" if args.download else
+                                    infer_dataset(data_root) if data_root and not args.resume else "synthetic")
     out = Path(args.out or f"runs/{dataset_name}-{preset}-{variant}")
     latest = out / "checkpoints" / "latest.pt"
-    data_root = args.data_root
     if args.resume:
         saved = checkpoints.load(latest)
         base = checkpoints.config_of(saved)
@@ -114,15 +152,13 @@ def run_train(args) -> int:
         dataset_name = args.dataset or saved["run"]["dataset"]
         data_root = data_root or saved["run"]["data_root"]
     else:
-        if latest.exists():
-            raise ValueError(f"{out} already holds a run ({latest}); pass --resume to continue it, "
-                             f"or choose another --out")
+        check_fresh_folder(out)  # checked again once the folder is locked; here before the data loads
         cfg = MAMLConfig.preset(preset, variant, **overrides)
     ranks = distributed.from_environment(cfg.meta_batch_size, args.dist_timeout)
     device = _device(args.device, ranks)
     progress = not args.no_progress and ranks.is_main
     if dataset_name == "omniglot" and data_root is None:
-        data_root = default_omniglot_root()
+        data_root = str(default_omniglot_root().resolve())
     if args.download:
         _download(dataset_name, data_root, ranks, progress)
     dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress))
@@ -131,15 +167,14 @@ def run_train(args) -> int:
     if args.resume:
         trainer.resume(saved)
     say = print if ranks.is_main else (lambda *_: None)
-    say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
-        f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
-        f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
-    trainer.fit(stop_at=args.stop_at)
-    summary = trainer.test()
+    with trainer.own_folder():
+        say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
+            f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
+            f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
+        trainer.fit(stop_at=args.stop_at)
+        summary = trainer.test()
     ranks.barrier()  # no rank leaves the process group while another still uses it
-    say(f"test accuracy {100 * summary['test_accuracy']:.2f}% +- {100 * summary['test_ci95']:.2f} "
-        f"(best model, epoch {summary['best_epoch']}); ensemble of {summary['ensemble_size']}: "
-        f"{100 * summary['ensemble_test_accuracy']:.2f}% +- {100 * summary['ensemble_test_ci95']:.2f}")
+    say(_test_line(summary))
     return 0
 
 
@@ -152,12 +187,24 @@ def _download(dataset_name: str, data_root, ranks: distributed.Ranks, progress: 
     ranks.barrier()
 
 
+def _test_line(summary: dict) -> str:
+    """What was tested and how it scored, in one line."""
+    line = f"test accuracy {100 * summary['test_accuracy']:.2f}% +- {100 * summary['test_ci95']:.2f} "
+    if summary["test_model"] == "final":
+        return line + (f"(final model, epoch {summary['test_epoch']}, {summary['test_checkpoint']}; "
+                       f"no ensemble: --keep 0 keeps no epoch checkpoints)")
+    return line + (f"(best model, epoch {summary['test_epoch']}, {summary['test_checkpoint']}); "
+                   f"ensemble of {summary['ensemble_size']}: {100 * summary['ensemble_test_accuracy']:.2f}% "
+                   f"+- {100 * summary['ensemble_test_ci95']:.2f}")
+
+
 def run_eval(args) -> int:
     paths = _checkpoint_paths(Path(args.checkpoint))
     device = _device(args.device)
     execution = {"backend": args.backend} if args.backend else {}
-    payloads = [checkpoints.load(path, device) for path in paths]
-    ranked = sorted(zip(paths, payloads), key=lambda item: -_val_accuracy(item[1]))[:max(1, args.ensemble)]
+    payloads = [checkpoints.load(path) for path in paths]
+    _check_one_run(paths, payloads)
+    ranked = sorted(zip(paths, payloads), key=lambda item: -_val_accuracy(item[1]))[:args.ensemble]
     learners = [checkpoints.learner_from(payload, device, **execution) for _, payload in ranked]
     cfg = learners[0].cfg.replace(eval_tasks=args.tasks) if args.tasks else learners[0].cfg
     run = ranked[0][1]["run"]
@@ -165,11 +212,12 @@ def run_eval(args) -> int:
     dataset = load_dataset(run["dataset"], cfg, args.data_root or run["data_root"],
                            progress=_progress("decoding classes", progress))
     tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg))
-    rows = [("best model", learners[:1])]
+    label, where = _which_model(*ranked[0], len(paths))
+    rows = [(label, learners[:1])]
     if len(learners) > 1:
         rows.append((f"ensemble of {len(learners)}", learners))
     print(f"{run['dataset']} {args.split}, {cfg.eval_tasks} tasks, {cfg.n_way}-way {cfg.k_shot}-shot; "
-          f"best checkpoint {ranked[0][0]}")
+          f"{label} {ranked[0][0]} ({where})")
     for name, members in rows:
         accuracy, ci95 = mean_and_ci95(tasks.accuracies(members, progress))
         print(f"{name:<16} {100 * accuracy:6.2f}% +- {100 * ci95:.2f}")
@@ -184,6 +232,31 @@ def _checkpoint_paths(path: Path) -> list[Path]:
     if not found:
         raise checkpoints.CheckpointError(f"no checkpoints (epoch-*.pt or latest.pt) in {folder}")
     return found
+
+
+def _check_one_run(paths: list[Path], payloads: list[dict]) -> None:
+    """Refuse checkpoints of different runs: they cannot be evaluated, or ensembled, together."""
+    cfg, dataset = checkpoints.config_of(payloads[0]), payloads[0]["run"]["dataset"]
+    for path, payload in zip(paths[1:], payloads[1:]):
+        found = {field: (new, old) for field, (old, new) in checkpoints.differences(payload, cfg).items()}
+        if payload["run"]["dataset"] != dataset:
+            found["dataset"] = (dataset, payload["run"]["dataset"])
+        if found:
+            listed = ", ".join(f"{field} {a!r} and {b!r}" for field, (a, b) in found.items())
+            raise checkpoints.CheckpointError(f"{paths[0]} and {path} belong to different runs ({listed}): "
+                                              f"evaluate them one at a time")
+
+
+def _which_model(path: Path, payload: dict, candidates: int) -> tuple[str, str]:
+    """How to name the model in ``path`` (chosen from ``candidates`` checkpoints), and when it was saved."""
+    cfg = checkpoints.config_of(payload)
+    iteration, total = payload["iteration"], cfg.epochs * cfg.iters_per_epoch
+    where = f"iteration {iteration}"
+    if iteration % cfg.iters_per_epoch == 0:
+        where += f", end of epoch {iteration // cfg.iters_per_epoch - 1}"
+    if path.name == "latest.pt":
+        return ("final model" if iteration == total else "latest model"), where
+    return ("best model" if candidates > 1 else "model"), where
 
 
 def _val_accuracy(payload: dict) -> float:
@@ -228,8 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"mamlfast: {stop}", file=sys.stderr)
+        _tell_once(f"mamlfast: {stop}")
+        return 130
+    except TrainingDiverged as divergence:
+        _tell_once(f"mamlfast: error: {divergence}")
+        return 3
+    except KeyboardInterrupt:  # outside training (which turns Ctrl-C into a checkpoint), e.g. while decoding data
+        _tell_once("mamlfast: interrupted")
         return 130
     except (ValueError, ops.BackendUnavailable, OSError, distributed.DistributedError) as error:
         if os.environ.get("MAMLFAST_DEBUG"):
@@ -238,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.shutdown()
+
+
+def _tell_once(message: str) -> None:
+    """Print ``message`` on rank 0 only: under torchrun every rank stops alike."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +131,10 @@ def _validate(cfg: MAMLConfig) -> None:
             fail(f.name, "must be an integer")
         if f.type == "bool" and not isinstance(value, bool):
             fail(f.name, "must be True or False")
-        if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if f.type == "float" and not _is_number(value):
             fail(f.name, "must be a number")
+        if f.type == "float | None" and value is not None and not _is_number(value):
+            fail(f.name, "must be None or a number")
 
     minimum = dict(n_way=2, k_shot=1, k_query=1, image_channels=1, num_filters=1, num_stages=1,
                    inner_steps=1, eval_inner_steps=1, meta_batch_size=1, epochs=1,
@@ -139,13 +142,15 @@ def _validate(cfg: MAMLConfig) -> None:
     for field, low in minimum.items():
         if getattr(cfg, field) < low:
             fail(field, f"must be at least {low}")
+    if not 0 <= cfg.seed < 2**64:
+        fail("seed", "must be between 0 and 2**64 - 1")
     for field in ("inner_lr", "meta_lr", "min_meta_lr"):
-        if not getattr(cfg, field) > 0:
-            fail(field, "must be positive")
+        if not (getattr(cfg, field) > 0 and math.isfinite(getattr(cfg, field))):
+            fail(field, "must be a positive finite number")
     if cfg.min_meta_lr > cfg.meta_lr:
         fail("min_meta_lr", f"must not exceed meta_lr={cfg.meta_lr}")
-    if cfg.grad_clip is not None and (isinstance(cfg.grad_clip, bool) or not cfg.grad_clip > 0):
-        fail("grad_clip", "must be None or a positive number")
+    if cfg.grad_clip is not None and not (cfg.grad_clip > 0 and math.isfinite(cfg.grad_clip)):
+        fail("grad_clip", "must be None or a positive finite number")
     if cfg.image_size >> cfg.num_stages < 1:
         fail("image_size", f"is too small for {cfg.num_stages} stages of 2x2 max-pooling")
     if cfg.bn_eval not in BN_EVAL_MODES:
@@ -157,3 +162,7 @@ def _validate(cfg: MAMLConfig) -> None:
     if cfg.eval_inner_steps > cfg.inner_steps and per_step:
         fail("eval_inner_steps", f"exceeds inner_steps={cfg.inner_steps}, but {', '.join(per_step)} "
              "keep(s) values for the training steps only")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -46,6 +46,12 @@ class Ranks:
             tensor /= self.world
         return tensor
 
+    def min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, in place, made the minimum of its values over ranks."""
+        if self.world > 1:
+            _all_reduce(tensor, dist.ReduceOp.MIN)
+        return tensor
+
     def average_gradients(self, parameters) -> None:
         """Replace every gradient by its mean over ranks, in one collective."""
         if self.world == 1:

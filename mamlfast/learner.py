@@ -37,7 +37,7 @@ class MAMLPlusPlus(nn.Module):
         The epoch sets the multi-step loss weights and the derivative order. In training
         mode, each forward moves the batch-norm running statistics of the step it used.
         """
-        batch.check(self.cfg)
+        batch.check(self.cfg, self.net.head.weight)
         weights = msl_weights(self.cfg, epoch)
         return self.meta_forward(batch, weights, query_steps(weights), use_second_order(self.cfg, epoch))
 
@@ -72,7 +72,7 @@ class MAMLPlusPlus(nn.Module):
 
         Batch norm follows ``cfg.bn_eval``; running statistics are left unchanged.
         """
-        check_tasks(self.cfg, x_support, y_support, x_query)
+        check_tasks(self.cfg, x_support, y_support, x_query, parameter=self.net.head.weight)
         if self.cfg.backend == "loop":
             return reference.predict(self, x_support, y_support, x_query)
         running = self.cfg.bn_eval == "running"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .config import MAMLConfig
@@ -14,6 +16,7 @@ def msl_weights(cfg: MAMLConfig, epoch: int) -> list[float]:
     the final step's grows to match, so the weights always sum to one; afterwards, or
     without MSL, only the final step counts.
     """
+    check_epoch(epoch)
     steps = cfg.inner_steps
     if not cfg.msl or epoch >= cfg.msl_epochs:
         return [0.0] * (steps - 1) + [1.0]
@@ -31,7 +34,15 @@ def query_steps(weights: list[float]) -> tuple[int, ...]:
 
 def use_second_order(cfg: MAMLConfig, epoch: int) -> bool:
     """DA: differentiate through the inner gradients once ``first_order_epochs`` have passed."""
+    check_epoch(epoch)
     return cfg.second_order and epoch >= cfg.first_order_epochs
+
+
+def check_epoch(epoch) -> None:
+    """Raise ``ValueError`` unless ``epoch`` is a whole number of epochs, 0 or more."""
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+        raise ValueError(f"epoch={epoch!r}: must be a non-negative integer (it sets the multi-step loss weights "
+                         f"and the derivative order)")
 
 
 def total_iterations(cfg: MAMLConfig) -> int:

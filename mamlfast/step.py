@@ -11,6 +11,7 @@ after two eager warm-up iterations, and replaced when the next phase begins.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -46,6 +47,31 @@ def match_optimizer_to_device(optimizer: torch.optim.Adam, scheduler, device: to
                 state["step"] = state["step"].to(device if capturable else "cpu", torch.float32)
 
 
+class NonFiniteRecord:
+    """The first meta-iteration whose meta-loss or meta-gradient was not finite (NaN or inf), kept
+    on the device and updated inside every meta-iteration, eager or replayed from a CUDA graph,
+    so that watching for divergence needs no host synchronisation: ``first`` is read back only
+    where the caller reads values back anyway.
+    """
+
+    def __init__(self, device: torch.device):
+        self.done = torch.zeros((), dtype=torch.float64, device=device)           # meta-iterations run
+        self.first = torch.full((), math.inf, dtype=torch.float64, device=device)  # inf: none yet
+
+    def restart(self, done: int) -> None:
+        """Count on from ``done`` meta-iterations, none of them non-finite."""
+        self.done.fill_(done)
+        self.first.fill_(math.inf)
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, parameters) -> None:
+        """Count one meta-iteration, with its meta-loss and the gradients of ``parameters``."""
+        self.done.add_(1)
+        values = torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in parameters if p.grad is not None])
+        finite = torch.isfinite(values).all()
+        self.first.copy_(torch.where(finite, self.first, torch.minimum(self.first, self.done)))
+
+
 class MetaStep:
     """Runs meta-iterations of ``learner`` with ``optimizer``, captured in CUDA graphs where
     ``cfg.cuda_graphs`` asks and the device allows, eagerly otherwise. With several ``ranks``,
@@ -72,6 +98,7 @@ class MetaStep:
         self.static_weights = None   # [S] on the device, refilled when the epoch changes them
         self.host_weights: list[float] | None = None
         self.static_out: MetaOutput | None = None
+        self.nonfinite = NonFiniteRecord(device)
 
     def __call__(self, batch: TaskBatch, epoch: int) -> MetaOutput:
         """One meta-iteration on ``batch``. In graph mode the outputs are static tensors,
@@ -108,6 +135,7 @@ class MetaStep:
         out = self.learner.meta_forward(batch, weights, steps, second_order)
         out.loss.backward()
         self.ranks.average_gradients(self.learner.parameters())
+        self.nonfinite.update(out.loss, self.learner.parameters())
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.cfg.grad_clip)
         self.optimizer.step()

@@ -28,9 +28,10 @@ class TaskBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TaskBatch":
         return TaskBatch(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
 
-    def check(self, cfg: MAMLConfig) -> None:
-        """Raise ``ValueError`` naming the problem if this batch does not fit ``cfg``."""
-        check_tasks(cfg, self.x_support, self.y_support, self.x_query, self.y_query)
+    def check(self, cfg: MAMLConfig, parameter: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` naming the problem if this batch does not fit ``cfg`` (and a model
+        whose ``parameter`` shows its dtype and device)."""
+        check_tasks(cfg, self.x_support, self.y_support, self.x_query, self.y_query, parameter)
 
 
 @dataclass
@@ -49,8 +50,11 @@ class MetaOutput:
 
 
 def check_tasks(cfg: MAMLConfig, x_support: torch.Tensor, y_support: torch.Tensor,
-                x_query: torch.Tensor, y_query: torch.Tensor | None = None) -> None:
-    """Shapes, label range and finiteness of a batch of tasks; ``y_query`` may be absent."""
+                x_query: torch.Tensor, y_query: torch.Tensor | None = None,
+                parameter: torch.Tensor | None = None) -> None:
+    """Shapes, dtypes, devices, label range and finiteness of a batch of tasks; ``y_query`` may be
+    absent. Images must have the dtype of the model that ``parameter`` belongs to (no silent casts),
+    and everything must be on its device."""
     image_shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
     images = [("x_support", x_support), ("x_query", x_query)]
     for name, x in images:
@@ -59,6 +63,9 @@ def check_tasks(cfg: MAMLConfig, x_support: torch.Tensor, y_support: torch.Tenso
             raise ValueError(f"{name} must be [B, samples, {', '.join(map(str, image_shape))}], got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if parameter is not None and x.dtype != parameter.dtype:
+            raise ValueError(f"{name} is {x.dtype} but the model's parameters are {parameter.dtype}: "
+                             f"convert one to the other (x.to({parameter.dtype}) or learner.to({x.dtype}))")
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"{name} holds no tasks or no samples: shape {tuple(x.shape)}")
     if x_query.shape[0] != x_support.shape[0]:
@@ -73,6 +80,11 @@ def check_tasks(cfg: MAMLConfig, x_support: torch.Tensor, y_support: torch.Tenso
             raise ValueError(f"{name} must be [B, samples]={tuple(x.shape[:2])}, got {shape}")
         if y.dtype != torch.int64:
             raise ValueError(f"{name} must hold int64 class labels, got {y.dtype}")
+    device = parameter.device if parameter is not None else x_support.device
+    for name, t in images + [(name, y) for name, y, _ in labels]:
+        if t.device != device:
+            owner = "the model" if parameter is not None else "x_support"
+            raise ValueError(f"{name} is on {t.device} but {owner} is on {device}")
     problems = [(f"{name} holds non-finite values (NaN or inf)", ~torch.isfinite(x).all())
                 for name, x in images]
     problems += [(f"{name} holds labels outside [0, n_way={cfg.n_way})", ((y < 0) | (y >= cfg.n_way)).any())

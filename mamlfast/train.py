@@ -7,11 +7,16 @@ Output folder:
                     top-k ensemble with 95% intervals, and the config
     checkpoints/    latest.pt, and epoch-NNN.pt for the k best epochs by validation accuracy
     curves.png      training loss and accuracy, validation accuracy, against iterations
+    .lock           held by the run writing there (see ``files.folder_lock``)
+
+A run owns its folder: it locks it while it writes, a new run refuses a folder that holds another
+run's files, and a resumed run first drops what was logged after its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import signal
@@ -26,14 +31,27 @@ from . import checkpoints
 from .config import MAMLConfig
 from .data import FewShotDataset, TaskSampler
 from .distributed import Ranks
-from .files import atomic_open, write_json
+from .files import atomic_open, folder_lock, json_text, remove_temporaries, write_json
 from .learner import MAMLPlusPlus
 from .schedules import cosine_meta_lr, total_iterations
 from .step import MetaStep, make_optimizer, match_optimizer_to_device
 
 
+log = logging.getLogger(__name__)
+# What a run writes to its folder besides checkpoints/: a new run never writes among another's.
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "tensorboard")
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on request after writing a checkpoint."""
+
+
+class TrainingDiverged(Exception):
+    """The meta-loss or a meta-gradient became NaN or infinite; nothing was saved after that."""
+
+
+class RunFolderError(ValueError):
+    """An output folder holds files that a run must not write among, or a record it cannot read."""
 
 
 class FixedTasks:
@@ -78,11 +96,15 @@ class Trainer:
     def __init__(self, cfg: MAMLConfig, dataset: FewShotDataset, out_dir: str | Path, *,
                  device: str | torch.device = "cpu", data_root: str | Path | None = None,
                  keep: int = 5, log_every: int = 10, progress: bool = True, ranks: Ranks = Ranks()):
+        _check_count("keep", keep, 0)
+        _check_count("log_every", log_every, 1)
         self.cfg, self.device, self.ranks = cfg, torch.device(device), ranks
         self.keep, self.log_every, self.progress = keep, log_every, progress and ranks.is_main
         self.out = Path(out_dir)
         self.checkpoint_dir = self.out / "checkpoints"
-        self.run = dict(dataset=dataset.name, data_root=str(data_root) if data_root else None)
+        # resolved, so that eval and --resume find the data from any working directory
+        data_root = str(Path(data_root).expanduser().resolve()) if data_root else None
+        self.run = dict(dataset=dataset.name, data_root=data_root)
         torch.manual_seed(cfg.seed)
         self.learner = MAMLPlusPlus(cfg).to(self.device)
         self.optimizer = make_optimizer(self.learner, cfg, self.device)
@@ -96,38 +118,51 @@ class Trainer:
         self.elapsed = 0.0
         self.history: list[dict] = []  # one entry per epoch: epoch, iteration, val_accuracy, kept
         self.tensorboard = None
+        self.resumed = False
+        self.saved_iteration: int | None = None  # the iteration of checkpoints/latest.pt
+        self._folder_ready = False
 
     # -- the run --------------------------------------------------------------------------
 
     def fit(self, stop_at: int | None = None) -> None:
         """Train to the end of the schedule. On Ctrl-C or SIGTERM, or at iteration ``stop_at``,
-        write a checkpoint and raise TrainingInterrupted."""
+        write a checkpoint and raise TrainingInterrupted. If the meta-loss or a meta-gradient
+        becomes NaN or infinite, raise TrainingDiverged without saving anything after it."""
         cfg, total = self.cfg, total_iterations(self.cfg)
-        if self.ranks.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._open_tensorboard()
-        started = time.perf_counter() - self.elapsed
-        bar = tqdm(total=total, initial=self.iteration, desc="meta-training", unit="it",
-                   disable=not self.progress, dynamic_ncols=True)
-        with bar, _stop_requests(repeat_interrupts=self.ranks.world == 1) as stop_requested:
-            while self.iteration < total and self.iteration != stop_at:
-                out = self.step()
-                bar.update()
-                self.elapsed = time.perf_counter() - started
-                logged, epoch_ended = self.iteration % self.log_every == 0, self.iteration % cfg.iters_per_epoch == 0
-                if logged:
-                    self._log_iteration(out, bar)
-                if epoch_ended:
-                    self._end_epoch(bar)
-                # ranks agree on a stop where they synchronise anyway
-                if (self.ranks.world == 1 or logged or epoch_ended) and self.ranks.any(stop_requested(), self.device):
-                    break
-        if self.iteration < total:
-            if self.iteration % cfg.iters_per_epoch:  # an epoch's end has just been saved
-                self.ranks.average_buffers(self.learner)
-                self._save("latest.pt")
-            raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint written to "
-                                      f"{self.checkpoint_dir / 'latest.pt'}; continue with --resume")
+        if stop_at is not None:
+            _check_count("stop_at", stop_at, 0)
+            if stop_at < self.iteration:
+                raise ValueError(f"stop_at={stop_at} is before iteration {self.iteration}, where this run continues")
+        end = total if stop_at is None else min(stop_at, total)
+        with self.own_folder():
+            if self.ranks.is_main and self.tensorboard is None:
+                self._open_tensorboard()
+            self.meta_step.nonfinite.restart(self.iteration)
+            started = time.perf_counter() - self.elapsed
+            bar = tqdm(total=total, initial=self.iteration, desc="meta-training", unit="it",
+                       disable=not self.progress, dynamic_ncols=True)
+            with bar, _stop_requests(repeat_interrupts=self.ranks.world == 1) as stop_requested:
+                while self.iteration < end:
+                    out = self.step()
+                    bar.update()
+                    self.elapsed = time.perf_counter() - started
+                    logged = self.iteration % self.log_every == 0
+                    epoch_ended = self.iteration % cfg.iters_per_epoch == 0
+                    if logged:
+                        self._log_iteration(out, bar)
+                    if epoch_ended:
+                        self._end_epoch(bar)
+                    # ranks agree on a stop where they synchronise anyway
+                    synchronised = self.ranks.world == 1 or logged or epoch_ended
+                    if synchronised and self.ranks.any(stop_requested(), self.device):
+                        break
+            if self.iteration < total:
+                if self.saved_iteration != self.iteration:
+                    self._check_finite()
+                    self.ranks.average_buffers(self.learner)
+                    self._save("latest.pt")
+                raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint written to "
+                                          f"{self.checkpoint_dir / 'latest.pt'}; continue with --resume")
 
     def step(self):
         """One meta-iteration: a meta-batch, the meta-loss and its gradient, one Adam step."""
@@ -140,25 +175,58 @@ class Trainer:
         return out
 
     def test(self) -> dict:
-        """The paper's protocol on the fixed test tasks: the best model, and the top-k ensemble."""
-        ensemble = [checkpoints.learner_from(checkpoints.load(path, self.device), self.device,
-                                             backend=self.cfg.backend)
-                    for path in self.ranked_checkpoints()] or [self.learner.eval()]
-        best = ensemble[:1]
+        """The paper's protocol on the fixed test tasks: the best model, and the top-k ensemble.
+        With ``keep=0`` no epoch checkpoint is kept: the final model is tested, and no ensemble.
+
+        ``test_model`` in the summary says which model was tested ("best" or "final"),
+        ``test_epoch`` after which epoch, and ``test_checkpoint`` the file that holds it."""
+        paths = self.ranked_checkpoints()
+        ensemble = [checkpoints.learner_from(checkpoints.load(path), self.device, backend=self.cfg.backend)
+                    for path in paths]
+        best = ensemble[:1] or [self.learner.eval()]
         test_accuracy, test_ci95 = mean_and_ci95(self.test_tasks.accuracies(best, self.progress))
-        ensemble_accuracy, ensemble_ci95 = mean_and_ci95(self.test_tasks.accuracies(ensemble, self.progress))
+        ensemble_accuracy, ensemble_ci95 = (mean_and_ci95(self.test_tasks.accuracies(ensemble, self.progress))
+                                            if ensemble else (None, None))
         best_entry = min(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]), default=None)
+        tested = paths[0] if paths else self.checkpoint_dir / "latest.pt"
         summary = dict(
             val_accuracy=best_entry["val_accuracy"] if best_entry else None,
             best_epoch=best_entry["epoch"] if best_entry else None,
+            test_model="best" if paths else "final",
+            test_epoch=best_entry["epoch"] if paths else self.iteration // self.cfg.iters_per_epoch - 1,
+            test_checkpoint=tested.relative_to(self.out).as_posix(),
             test_accuracy=test_accuracy, test_ci95=test_ci95,
             ensemble_test_accuracy=ensemble_accuracy, ensemble_test_ci95=ensemble_ci95,
             ensemble_size=len(ensemble), test_tasks=self.cfg.eval_tasks,
             iterations=self.iteration, train_seconds=self.elapsed, device=str(self.device),
             config=self.cfg.to_dict(), **self.run)
         if self.ranks.is_main:
-            write_json(self.out / "summary.json", summary)
+            with self.own_folder():
+                write_json(self.out / "summary.json", summary)
         return summary
+
+    # -- the output folder ------------------------------------------------------------------
+
+    @contextmanager
+    def own_folder(self):
+        """Hold the output folder's lock while the block runs (on rank 0, which alone writes
+        there; nested blocks share it). On the first entry, a new run checks that the folder
+        holds no other run, a resumed one drops the records logged after its checkpoint, and
+        both remove the temporary files that killed writes left."""
+        if not self.ranks.is_main:
+            yield
+            return
+        with folder_lock(self.out):
+            if not self._folder_ready:
+                if self.resumed:
+                    self._truncate_metrics()
+                else:
+                    check_fresh_folder(self.out)
+                for folder in (self.out, self.checkpoint_dir):
+                    for path in remove_temporaries(folder):
+                        log.info("removed %s, left by a killed write", path)
+                self._folder_ready = True
+            yield
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -166,7 +234,7 @@ class Trainer:
         """Continue from ``checkpoints/latest.pt`` (or its ``payload``, already loaded) exactly
         where it stopped."""
         path = self.checkpoint_dir / "latest.pt"
-        payload = payload or checkpoints.load(path, self.device)
+        payload = payload or checkpoints.load(path)
         checkpoints.check_same_run(payload, self.cfg, path)
         if payload["run"]["dataset"] != self.run["dataset"]:
             raise checkpoints.CheckpointError(
@@ -177,7 +245,7 @@ class Trainer:
         match_optimizer_to_device(self.optimizer, self.scheduler, self.device)
         self.iteration, self.elapsed, self.history = payload["iteration"], payload["elapsed"], payload["history"]
         _set_rng_state(payload["rng"])
-        self._truncate_metrics()
+        self.resumed, self.saved_iteration = True, self.iteration
 
     def ranked_checkpoints(self) -> list[Path]:
         """The kept checkpoints, best validation accuracy first (ties: the earlier epoch)."""
@@ -185,6 +253,8 @@ class Trainer:
         return [self.checkpoint_dir / _epoch_file(h["epoch"]) for h in kept]
 
     def _save(self, name: str) -> None:
+        if name == "latest.pt":
+            self.saved_iteration = self.iteration
         if not self.ranks.is_main:
             return
         checkpoints.save(self.checkpoint_dir / name, dict(
@@ -194,6 +264,7 @@ class Trainer:
             elapsed=self.elapsed, history=self.history, rng=_rng_state()))
 
     def _end_epoch(self, bar) -> None:
+        self._check_finite()  # before anything is saved
         epoch = self.iteration // self.cfg.iters_per_epoch - 1
         self.ranks.average_buffers(self.learner)
         self.learner.eval()
@@ -218,7 +289,12 @@ class Trainer:
     # -- logs -------------------------------------------------------------------------------
 
     def _log_iteration(self, out, bar) -> None:
-        loss, accuracy = self.ranks.mean(torch.stack([out.loss.detach(), out.accuracy]).float()).tolist()
+        # one read-back: the logged values (means over ranks) and the divergence record (earliest over ranks)
+        values = torch.stack([out.loss.detach().double(), out.accuracy.double(), self.meta_step.nonfinite.first])
+        self.ranks.mean(values[:2])
+        self.ranks.min(values[2:])
+        loss, accuracy, first_nonfinite = values.tolist()
+        self._stop_if_diverged(first_nonfinite)
         record = dict(iteration=self.iteration, epoch=(self.iteration - 1) // self.cfg.iters_per_epoch,
                       loss=loss, accuracy=accuracy,
                       meta_lr=float(self.optimizer.param_groups[0]["lr"]), seconds=self.elapsed)
@@ -227,22 +303,49 @@ class Trainer:
         self._append_metrics(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", epoch=record["epoch"])
 
+    def _check_finite(self) -> None:
+        self._stop_if_diverged(self.ranks.min(self.meta_step.nonfinite.first.clone()).item())
+
+    def _stop_if_diverged(self, first_nonfinite: float) -> None:
+        if math.isinf(first_nonfinite):
+            return
+        iteration = int(first_nonfinite)
+        saved = (f"the last checkpoint, {self.checkpoint_dir / 'latest.pt'}, is from iteration {self.saved_iteration}"
+                 if self.saved_iteration is not None else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"training diverged: the meta-loss or meta-gradient was NaN or infinite at iteration {iteration} "
+            f"(epoch {(iteration - 1) // self.cfg.iters_per_epoch}); stopped without saving, {saved}; "
+            f"a lower meta_lr or inner_lr, or grad_clip, may help")
+
     def _append_metrics(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json_text(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("iteration", "epoch", "seconds"):
                     self.tensorboard.add_scalar(key, value, record["iteration"])
 
     def _truncate_metrics(self) -> None:
-        """Drop records logged after the checkpoint a resumed run starts from."""
+        """Drop the records logged after the checkpoint a resumed run starts from, and a last
+        record torn by a kill or a full disk during its append."""
         path = self.out / "metrics.jsonl"
-        if self.ranks.is_main and path.exists():
-            records = [line for line in path.read_text().splitlines()
-                       if line and json.loads(line)["iteration"] <= self.iteration]
-            with atomic_open(path) as handle:
-                handle.write("".join(line + "\n" for line in records))
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                iteration = record["iteration"]
+            except (ValueError, TypeError, KeyError) as error:
+                if number == len(lines):
+                    log.warning("%s: dropped its last record, torn by the interruption: %r", path, line)
+                    break
+                raise RunFolderError(f"{path}, line {number}, is not a metrics record ({error})") from None
+            if iteration <= self.iteration:
+                kept.append(line + "\n")
+        with atomic_open(path) as handle:
+            handle.write("".join(kept))
 
     def _open_tensorboard(self) -> None:
         try:
@@ -254,6 +357,24 @@ class Trainer:
     def _write_curves(self) -> None:
         from .plots import plot_curves
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+
+def check_fresh_folder(out: Path) -> None:
+    """Raise ``RunFolderError`` if ``out`` holds another run's files: a new run never writes among them."""
+    latest = out / "checkpoints" / "latest.pt"
+    if latest.exists():
+        raise RunFolderError(f"{out} already holds a run ({latest}); pass --resume to continue it, "
+                             f"or choose another --out")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    found += [f"checkpoints/{path.name}" for path in sorted((out / "checkpoints").glob("*.pt"))]
+    if found:
+        raise RunFolderError(f"{out} holds files of another run ({', '.join(found)}) but no checkpoint to "
+                             f"continue from: remove them, or choose another --out")
+
+
+def _check_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer, at least {low}")
 
 
 def _epoch_file(epoch: int) -> str:

@@ -51,6 +51,14 @@ def test_overrides_and_round_trip():
     (dict(grad_clip=-1.0), "grad_clip"),
     (dict(n_way=5.0), "n_way"),
     (dict(msl="yes"), "msl"),
+    (dict(inner_lr=float("inf")), "inner_lr"),
+    (dict(meta_lr=float("inf")), "meta_lr"),
+    (dict(meta_lr=float("nan")), "meta_lr"),
+    (dict(grad_clip=float("inf")), "grad_clip"),
+    (dict(grad_clip="1"), "grad_clip"),
+    (dict(grad_clip=True), "grad_clip"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"MAMLConfig\.{field}="):

@@ -1,13 +1,19 @@
 """Loaders on generated fixtures, the task sampler's determinism and correctness, and data errors."""
 
+import logging
 import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mamlfast
 from fixtures import make_mini_imagenet, make_omniglot
-from mamlfast.data import DatasetError, load_dataset
+from mamlfast.data import DatasetError, infer_dataset, load_dataset
+from mamlfast.data import images as images_module
+from mamlfast.data.images import ImageSource, decode
 from mamlfast.data.omniglot import load_omniglot
 from mamlfast.data.synthetic import make_synthetic
 
@@ -144,3 +150,100 @@ def test_tasks_too_large_for_the_data(tmp_path):
         load_dataset("omniglot", CFG.replace(image_channels=3), tmp_path)
     with pytest.raises(DatasetError, match="needs a data root"):
         load_dataset("omniglot", CFG)
+
+
+def test_a_corrupt_deflated_member_of_a_zip_is_named(tmp_path):
+    root = make_omniglot(tmp_path / "source")
+    path = tmp_path / "images_background.zip"
+    victim = "images_background/Alpha/character01/0000_01.png"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(root / victim, victim)
+    data = bytearray(path.read_bytes())
+    start = 30 + len(victim)  # the compressed bytes follow the local header and the name
+    data[start:start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as archive, pytest.raises(DatasetError, match=rf"corrupt zip file .*{victim}"):
+        decode(ImageSource(str(path), victim), archive, 28, "L")
+
+
+def _saved(tmp_path, image: Image.Image, name: str = "image.png", **options) -> ImageSource:
+    path = tmp_path / name
+    image.save(path, **options)
+    return ImageSource(str(path))
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    levels = np.array([[0, 257 * 60, 257 * 128, 65535]], dtype=np.uint16).repeat(4, 0)  # 0, 60, 128, 255 in 8 bits
+    source = _saved(tmp_path, Image.fromarray(levels))
+    assert Image.open(source.path).mode == "I;16"
+    decoded = decode(source, None, 4, "L")
+    assert decoded.shape == (1, 4, 4) and decoded[0, 0].tolist() == [0, 60, 128, 255]
+    assert decode(source, None, 4, "RGB")[:, 0, 2].tolist() == [128, 128, 128]
+
+
+def test_alpha_is_dropped_where_opaque_and_refused_where_transparent(tmp_path):
+    rgb = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    opaque = rgb.copy()
+    opaque.putalpha(255)
+    assert (decode(_saved(tmp_path, opaque, "opaque.png"), None, 4, "RGB") ==
+            decode(_saved(tmp_path, rgb, "rgb.png"), None, 4, "RGB")).all()
+    holes = rgb.copy()
+    holes.putalpha(Image.fromarray((np.arange(16).reshape(4, 4) % 2 * 255).astype(np.uint8)))
+    with pytest.raises(DatasetError, match=r"holes\.png is transparent in places \(mode RGBA\)"):
+        decode(_saved(tmp_path, holes, "holes.png"), None, 4, "RGB")
+    palette = Image.new("P", (4, 4))
+    palette.info["transparency"] = 0
+    with pytest.raises(DatasetError, match=r"palette\.png is transparent in places"):
+        decode(_saved(tmp_path, palette, "palette.png", transparency=0), None, 4, "L")
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_modes_without_a_fixed_range_are_refused_by_name(tmp_path, mode):
+    image = Image.fromarray(np.full((4, 4), 3, dtype=np.float32 if mode == "F" else np.int32))
+    source = _saved(tmp_path, image, "deep.tif")
+    with pytest.raises(DatasetError, match=rf"deep\.tif has PIL mode {mode}, which mamlfast does not decode"):
+        decode(source, None, 4, "L")
+
+
+def test_the_dataset_is_told_from_the_folder(tmp_path):
+    assert infer_dataset(make_omniglot(tmp_path / "omniglot", zipped=True)) == "omniglot"
+    assert infer_dataset(make_mini_imagenet(tmp_path / "mini")) == "mini-imagenet"
+    with pytest.raises(DatasetError, match="cannot tell which dataset .* holds: it has neither"):
+        infer_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        infer_dataset(tmp_path / "nowhere")
+
+
+def _cache_file() -> Path:
+    (path,) = images_module.cache_dir().glob("omniglot-*.pt")
+    return path
+
+
+def test_an_unreadable_cache_in_a_read_only_folder_is_rebuilt_in_memory(tmp_path, monkeypatch, caplog):
+    root = make_omniglot(tmp_path / "omniglot")
+    first = load_omniglot(root, image_size=16)
+    _cache_file().write_bytes(b"damaged")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(images_module, "atomic_open", read_only)
+    with caplog.at_level(logging.WARNING, logger="mamlfast.data.images"):
+        again = load_omniglot(root, image_size=16)
+    assert torch.equal(again["train"].images, first["train"].images)
+    assert "is unreadable" in caplog.text and "could not write the cache file" in caplog.text
+
+
+def test_a_cache_that_does_not_match_its_source_is_rebuilt(tmp_path, caplog):
+    root = make_omniglot(tmp_path / "omniglot")
+    first = load_omniglot(root, image_size=16)
+    saved = torch.load(_cache_file(), weights_only=True)
+    saved["images"] = saved["images"][:-3]  # as a cache written by a broken version might hold
+    torch.save(saved, _cache_file())
+    with caplog.at_level(logging.WARNING, logger="mamlfast.data.images"):
+        again = load_omniglot(root, image_size=16)
+    for split in first:
+        assert torch.equal(again[split].images, first[split].images) and again[split].names == first[split].names
+    assert "of the wrong shape or type" in caplog.text
+    assert torch.load(_cache_file(), weights_only=True)["images"].shape[0] == first["train"].images.shape[0] + \
+        first["val"].images.shape[0] + first["test"].images.shape[0], "replaced by the rebuilt one"

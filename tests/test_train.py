@@ -1,19 +1,25 @@
-"""The trainer: exact resume, atomic checkpoints, and the command line end to end."""
+"""The trainer: exact resume, atomic checkpoints, divergence, owning the output folder, and the
+command line end to end."""
 
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import mamlfast
-from mamlfast import checkpoints
+from conftest import DEVICE, random_batch
+from fixtures import make_mini_imagenet
+from mamlfast import checkpoints, files
 from mamlfast.data import load_dataset
-from mamlfast.train import Trainer, TrainingInterrupted
+from mamlfast.step import MetaStep, make_optimizer
+from mamlfast.train import RunFolderError, Trainer, TrainingDiverged, TrainingInterrupted
 
 TINY = dict(image_size=16, num_filters=4, inner_steps=2, eval_inner_steps=2, meta_batch_size=2,
             epochs=2, iters_per_epoch=3, eval_tasks=6, msl_epochs=1, first_order_epochs=1)
@@ -24,8 +30,16 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMLFAST_CACHE", str(tmp_path / "cache"))
 
 
-def _trainer(cfg, out):
-    return Trainer(cfg, load_dataset("synthetic", cfg), out, keep=2, log_every=1, progress=False)
+def _trainer(cfg, out, **options):
+    options = dict(dict(keep=2, log_every=1, progress=False), **options)
+    return Trainer(cfg, load_dataset("synthetic", cfg), out, **options)
+
+
+def _records(run):
+    """metrics.jsonl, parsed strictly: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+    return [json.loads(line, parse_constant=refuse) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _stop_at(trainer, iteration, signum):
@@ -86,6 +100,71 @@ def test_best_checkpoints_are_kept_and_tested(tmp_path):
     assert 0 <= summary["test_accuracy"] <= 1 and summary["test_ci95"] >= 0
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["config"]["epochs"] == 3 and saved["dataset"] == "synthetic"
+    assert (saved["test_model"], saved["test_epoch"]) == ("best", ranked[0]["epoch"])
+    assert saved["test_checkpoint"] == f"checkpoints/epoch-{ranked[0]['epoch']:03d}.pt"
+
+
+def test_keep_0_tests_the_final_model_and_says_so(tmp_path):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    trainer = _trainer(cfg, tmp_path, keep=0)
+    trainer.fit()
+    assert not list((tmp_path / "checkpoints").glob("epoch-*.pt"))
+    summary = trainer.test()
+    final = trainer.test_tasks.accuracies([trainer.learner.eval()]).double().mean().item()
+    assert summary["test_accuracy"] == pytest.approx(final)
+    assert (summary["test_model"], summary["test_epoch"], summary["test_checkpoint"]) == \
+        ("final", 1, "checkpoints/latest.pt")
+    assert summary["ensemble_size"] == 0 and summary["ensemble_test_accuracy"] is None
+    with pytest.raises(ValueError, match="keep=-1"):
+        _trainer(cfg, tmp_path / "other", keep=-1)
+
+
+def _poison(trainer, iteration):
+    """Make meta-iteration ``iteration`` (1-based) see NaN images, as a diverging run would."""
+    draw = trainer.train_tasks.training_batch
+
+    def poisoned(seed, index, *args, **kwargs):
+        batch = draw(seed, index, *args, **kwargs)
+        if index + 1 == iteration:
+            batch.x_query[0, 0, 0, 0, 0] = float("nan")
+        return batch
+
+    trainer.train_tasks.training_batch = poisoned
+
+
+@pytest.mark.parametrize("log_every", [1, 2], ids=["caught where logged", "caught by the device-side record"])
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, log_every):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", backend="torch", **TINY)
+    trainer = _trainer(cfg, tmp_path, log_every=log_every)
+    _poison(trainer, 5)
+    latest = tmp_path / "checkpoints" / "latest.pt"
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite at iteration 5 \(epoch 1\).*latest\.pt, is from "
+                                               r"iteration 3"):
+        trainer.fit()
+    assert checkpoints.load(latest)["iteration"] == 3
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["epoch-000.pt", "latest.pt"]
+    logged = [r["iteration"] for r in _records(tmp_path) if "loss" in r]
+    assert logged == list(range(log_every, 5, log_every)), "nothing logged from the diverged iteration on"
+    stopped = _trainer(cfg, tmp_path / "stopped", log_every=log_every)
+    _poison(stopped, 1)
+    with pytest.raises(TrainingDiverged, match="at iteration 1 "):  # a stop request saves nothing either
+        stopped.fit(stop_at=1)
+    assert not (tmp_path / "stopped" / "checkpoints").exists()
+
+
+def test_the_divergence_record_names_the_first_non_finite_iteration(small_cfg):
+    """Eager here; captured in a CUDA graph where there is a GPU (the same record, replayed)."""
+    cfg = small_cfg.replace(backend="torch", cuda_graphs=True)
+    learner = mamlfast.MAMLPlusPlus(cfg).to(DEVICE)
+    step = MetaStep(learner, make_optimizer(learner, cfg, torch.device(DEVICE)), cfg, torch.device(DEVICE))
+    step.nonfinite.restart(10)
+    for call in range(7):
+        batch = random_batch(cfg, 2, dtype=torch.float32, seed=call, device=DEVICE)
+        if call in (4, 5):  # iterations 15 and 16
+            batch.x_support[0, 0, 0, 0, 0] = float("inf")
+        step(batch, 0)
+    assert step.nonfinite.first.item() == 15 and step.nonfinite.done.item() == 17
+    assert step.graphs == (DEVICE == "cuda") and (step.graph is not None) == (DEVICE == "cuda")
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
@@ -101,6 +180,107 @@ KILL_DURING_SAVE = textwrap.dedent("""
     torch.save = save_then_die
     checkpoints.save(path, dict(model={"w": torch.zeros(3)}, iteration=2))
 """)
+
+
+def test_stop_at_0_writes_the_checkpoint_it_announces(tmp_path):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    with pytest.raises(TrainingInterrupted, match="stopped at iteration 0"):
+        _trainer(cfg, tmp_path).fit(stop_at=0)
+    resumed = _trainer(cfg, tmp_path)
+    resumed.resume()
+    assert resumed.iteration == 0
+    with pytest.raises(ValueError, match="stop_at=-1"):
+        resumed.fit(stop_at=-1)
+    with pytest.raises(TrainingInterrupted, match="stopped at iteration 4"):
+        resumed.fit(stop_at=4)
+    later = _trainer(cfg, tmp_path)
+    later.resume()
+    with pytest.raises(ValueError, match="stop_at=2 is before iteration 4"):
+        later.fit(stop_at=2)
+
+
+def test_resume_drops_a_torn_last_record_and_stale_temporary_files(tmp_path):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    first = _trainer(cfg, tmp_path)
+    with pytest.raises(TrainingInterrupted):
+        first.fit(stop_at=4)
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"iteration": 5, "epoch": 1, "lo')  # a kill during the append
+    stale = [tmp_path / "checkpoints" / "latest.pt.0123abcd.tmp", tmp_path / "summary.json.deadbeef.tmp"]
+    for path in stale + [tmp_path / "notes.tmp"]:
+        path.write_bytes(b"partial")
+    second = _trainer(cfg, tmp_path)
+    second.resume()
+    second.fit()
+    assert [r["iteration"] for r in _records(tmp_path) if "loss" in r] == list(range(1, 7))
+    assert not any(path.exists() for path in stale) and (tmp_path / "notes.tmp").exists(), "only its own"
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys
+    from mamlfast.files import folder_lock
+    with folder_lock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+def test_a_run_owns_its_folder_until_it_ends_however_it_ends(tmp_path):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **dict(TINY, epochs=1))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(files.FolderInUse, match=rf"run is in use by another run \(pid {holder.pid} on "):
+            _trainer(cfg, tmp_path / "run").fit()
+    finally:
+        holder.kill()  # as kill -9 does: the lock goes with the process
+        holder.wait()
+    _trainer(cfg, tmp_path / "run").fit()
+
+
+def test_a_new_run_never_writes_among_another_runs_records(tmp_path):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1, "epoch": 0, "loss": 1.6}\n')  # killed before a checkpoint
+    with pytest.raises(RunFolderError, match=r"holds files of another run \(metrics\.jsonl\) but no checkpoint"):
+        _trainer(cfg, tmp_path).fit()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1, "epoch": 0, "loss": 1.6}\n'
+
+
+def test_checkpoints_carry_a_checksum_of_their_contents(tmp_path):
+    path = tmp_path / "latest.pt"
+    weights = torch.arange(1000, dtype=torch.float32)
+    checkpoints.save(path, dict(model={"w": weights}, iteration=1))
+    assert torch.equal(checkpoints.load(path)["model"]["w"], weights)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(weights.numpy().tobytes()) + 4 * 500
+    data[at] ^= 0x10  # one bit of weight 500
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoints.CheckpointError, match=rf"checkpoint {path} is corrupt: its contents do not "
+                                                          r"match the checksum"):
+        checkpoints.load(path)
+
+
+def test_files_get_the_permissions_of_the_users_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        files.write_json(tmp_path / "summary.json", {"a": 1})
+        with files.atomic_open(tmp_path / "latest.pt", "wb") as handle:
+            handle.write(b"x")
+    finally:
+        os.umask(previous)
+    for name in ("summary.json", "latest.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    with pytest.raises(ValueError, match="JSON"):
+        files.write_json(tmp_path / "bad.json", {"loss": float("nan")})
+    assert not list(tmp_path.glob("bad.json*")), "nothing written, no temporary file left"
+
+
+def test_a_relative_data_root_is_stored_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    trainer = Trainer(cfg, load_dataset("synthetic", cfg), "run", data_root="data/omniglot", progress=False)
+    assert trainer.run["data_root"] == str(tmp_path / "data" / "omniglot")
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
@@ -123,15 +303,20 @@ TINY_OPTIONS = ["--image-size", "16", "--num-filters", "4", "--inner-steps", "2"
 
 
 def test_command_line_end_to_end(tmp_path):
-    result = _mamlfast("train", "--out", "run", "--keep", "2", *TINY_OPTIONS, cwd=tmp_path)
+    previous = os.umask(0o022)
+    try:
+        result = _mamlfast("train", "--out", "run", "--keep", "2", *TINY_OPTIONS, cwd=tmp_path)
+    finally:
+        os.umask(previous)
     assert result.returncode == 0, result.stderr
-    assert "test accuracy" in result.stdout
+    assert "test accuracy" in result.stdout and "(best model, epoch" in result.stdout
     run = tmp_path / "run"
     for name in ("metrics.jsonl", "summary.json", "curves.png", "checkpoints/latest.pt"):
         assert (run / name).is_file(), name
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
     summary = json.loads((run / "summary.json").read_text())
     assert {"val_accuracy", "test_accuracy", "test_ci95", "ensemble_test_accuracy", "config"} <= set(summary)
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    record = _records(run)[0]
     assert set(record) == {"iteration", "epoch", "loss", "accuracy", "meta_lr", "seconds"}
 
     evaluation = _mamlfast("eval", "--checkpoint", "run", "--tasks", "4", "--ensemble", "2", "--no-progress",
@@ -148,20 +333,115 @@ def test_command_line_end_to_end(tmp_path):
     assert info.returncode == 0 and "backends on cpu: auto -> torch" in info.stdout
 
 
+def _main(capsys, *args):
+    """``mamlfast ARGS`` in this process: (exit code, stdout, stderr)."""
+    from mamlfast.cli import main
+    try:
+        code = main(list(args))
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(code, err, message, expected_code=2):
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+TRAIN = ["train", "--out", "run", *TINY_OPTIONS]
+
+
 @pytest.mark.parametrize("args, message", [
-    (["train", "--dataset", "omniglot", "--data-root", "nowhere"], "Omniglot root nowhere does not exist"),
-    (["train", "--dataset", "omniglot"], "--download fetches the two zips there"),
-    (["train", "--download"], "--download fetches Omniglot only (--dataset omniglot), not synthetic"),
-    (["train", "--n-way", "1"], "MAMLConfig.n_way=1: must be at least 2"),
-    (["train", "--k-shot", "15", "--k-query", "10"], "fewer than k_shot + k_query = 15 + 10"),
-    (["train", "--n-way", "150"], "the val split has 100 classes, fewer than n_way=150"),
-    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (TRAIN + ["--dataset", "omniglot", "--data-root", "nowhere"], "nowhere does not exist"),
+    (TRAIN + ["--dataset", "omniglot"], "--download fetches the two zips there"),
+    (TRAIN + ["--dataset", "mini-imagenet", "--download"], "--download fetches Omniglot only (--dataset omniglot)"),
+    (TRAIN + ["--n-way", "1"], "MAMLConfig.n_way=1: must be at least 2"),
+    (TRAIN + ["--k-shot", "15", "--k-query", "10"], "fewer than k_shot + k_query = 15 + 10"),
+    (TRAIN + ["--n-way", "150"], "the val split has 100 classes, fewer than n_way=150"),
+    (TRAIN + ["--bogus"], "unrecognized arguments: --bogus"),
     (["train", "--resume", "--out", "nothing-here"], "checkpoint nothing-here/checkpoints/latest.pt does not exist"),
     (["eval", "--checkpoint", "nothing-here"], "no checkpoints"),
+    (TRAIN + ["--device", "xyz"], "--device xyz: not a device; use cpu, cuda or cuda:N"),
+    (TRAIN + ["--device", "mps"], "--device mps: mamlfast runs on cpu or cuda, not mps"),
+    (TRAIN + ["--device", "meta"], "--device meta: mamlfast runs on cpu or cuda, not meta"),
+    (TRAIN + ["--log-every", "0"], "argument --log-every: must be at least 1, got 0"),
+    (TRAIN + ["--log-every", "-2"], "argument --log-every: must be at least 1, got -2"),
+    (TRAIN + ["--stop-at", "-1"], "argument --stop-at: must be at least 0, got -1"),
+    (TRAIN + ["--keep", "-1"], "argument --keep: must be at least 0, got -1"),
+    (TRAIN + ["--dist-timeout", "0"], "argument --dist-timeout: must be a positive number of seconds"),
+    (TRAIN + ["--seed", "-1"], "MAMLConfig.seed=-1: must be between 0 and 2**64 - 1"),
+    (TRAIN + ["--inner-lr", "inf"], "MAMLConfig.inner_lr=inf: must be a positive finite number"),
+    (TRAIN + ["--meta-lr", "inf"], "MAMLConfig.meta_lr=inf: must be a positive finite number"),
+    (TRAIN + ["--grad-clip", "nan"], "MAMLConfig.grad_clip=nan: must be None or a positive finite number"),
+    (TRAIN + ["--dataset", "synthetic", "--data-root", "."], "the synthetic dataset is built in and reads no"),
+    (TRAIN + ["--data-root", "."], "cannot tell which dataset"),
+    (["eval", "--checkpoint", "run", "--tasks", "0"], "argument --tasks: must be at least 1, got 0"),
+    (["eval", "--checkpoint", "run", "--ensemble", "0"], "argument --ensemble: must be at least 1, got 0"),
 ])
-def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, args, message):
-    result = _mamlfast(*args, "--no-progress", cwd=tmp_path)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(*_main(capsys, *args, "--no-progress")[::2], message)
+
+
+def test_the_dataset_is_told_from_the_data_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_mini_imagenet(tmp_path / "mini")
+    _one_line_error(*_main(capsys, *TRAIN, "--data-root", "mini")[::2], "mini-imagenet images have 3 channel(s)")
+
+
+def test_a_diverging_run_exits_nonzero_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, *TRAIN, "--inner-lr", "1e30")
+    _one_line_error(code, err, "training diverged: the meta-loss or meta-gradient was NaN or infinite at iteration 1",
+                    expected_code=3)
+
+
+def test_ctrl_c_outside_training_exits_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("mamlfast.cli.load_dataset", interrupted)  # Ctrl-C while the images decode
+    try:
+        code, _, err = _main(capsys, *TRAIN)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped as a traceback")
+    _one_line_error(code, err, "mamlfast: interrupted", expected_code=130)
+
+
+def test_keep_0_says_which_model_was_tested(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, *TRAIN, "--epochs", "1", "--keep", "0")
+    assert code == 0, err
+    assert "(final model, epoch 0, checkpoints/latest.pt; no ensemble: --keep 0 keeps no epoch checkpoints)" in out
+    code, out, err = _main(capsys, "eval", "--checkpoint", "run", "--tasks", "2", "--no-progress")
+    assert code == 0, err
+    assert "final model run/checkpoints/latest.pt (iteration 3, end of epoch 0)" in out
+
+
+class NotAWeight:
+    pass
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": NotAWeight()}, "pickle.pt")
+    Path("text.pt").write_text("hello")
+    _one_line_error(*_main(capsys, "eval", "--checkpoint", "pickle.pt")[::2],
+                    "pickle.pt is not a mamlfast checkpoint: it holds Python objects other than tensors")
+    _one_line_error(*_main(capsys, "eval", "--checkpoint", "text.pt")[::2],
+                    "text.pt is not a mamlfast checkpoint, or is damaged")
+
+
+def test_eval_refuses_checkpoints_of_different_runs_in_one_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for n_way, epoch in ((20, 0), (5, 1)):  # a folder holding checkpoints of two runs
+        cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **dict(TINY, n_way=n_way))
+        with pytest.raises(TrainingInterrupted):
+            _trainer(cfg, tmp_path / f"{n_way}-way").fit(stop_at=1)
+        (tmp_path / "mixed").mkdir(exist_ok=True)
+        (tmp_path / f"{n_way}-way" / "checkpoints" / "latest.pt").rename(tmp_path / "mixed" / f"epoch-00{epoch}.pt")
+    _one_line_error(*_main(capsys, "eval", "--checkpoint", "mixed", "--no-progress")[::2],
+                    "mixed/epoch-000.pt and mixed/epoch-001.pt belong to different runs (n_way 20 and 5)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import MAMLConfig
-from . import mini_imagenet
+from . import mini_imagenet, omniglot
 from .images import ClassImages, DatasetError
 from .mini_imagenet import load_mini_imagenet
 from .omniglot import load_omniglot
@@ -38,6 +38,8 @@ def load_dataset(name: str, cfg: MAMLConfig, root: str | Path | None = None, pro
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
+        if root is not None:
+            raise DatasetError(f"the synthetic dataset is built in and reads no data root, but {root} was given")
         splits = make_synthetic(cfg.seed, cfg.image_size, cfg.image_channels)
         return FewShotDataset(name, splits, (0.0,) * cfg.image_channels, (1.0,) * cfg.image_channels, False)
     if root is None:
@@ -52,4 +54,26 @@ def load_dataset(name: str, cfg: MAMLConfig, root: str | Path | None = None, pro
                           mini_imagenet.MEAN, mini_imagenet.STD, False)
 
 
-__all__ = ["DATASETS", "ClassImages", "DatasetError", "FewShotDataset", "TaskSampler", "load_dataset"]
+def infer_dataset(root: str | Path) -> str:
+    """The dataset that the folder ``root`` holds, told from its layout: "omniglot"
+    (images_background and images_evaluation, as folders or zips) or "mini-imagenet"
+    (train/, val/ and test/ folders). Raise ``DatasetError`` when the layout says neither."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data root {root} does not exist or is not a folder")
+    found = []
+    if any((root / part).exists() or (root / f"{part}.zip").exists() for part in omniglot.PARTS):
+        found.append("omniglot")
+    if any((root / split).is_dir() for split in mini_imagenet.SPLITS):
+        found.append("mini-imagenet")
+    if not found:
+        raise DatasetError(f"cannot tell which dataset {root} holds: it has neither Omniglot's images_background "
+                           f"and images_evaluation nor mini-ImageNet's train, val and test; name it with --dataset")
+    if len(found) > 1:
+        raise DatasetError(f"cannot tell which dataset {root} holds: it has the layouts of both Omniglot and "
+                           f"mini-ImageNet; name it with --dataset")
+    return found[0]
+
+
+__all__ = ["DATASETS", "ClassImages", "DatasetError", "FewShotDataset", "TaskSampler", "infer_dataset",
+           "load_dataset"]

@@ -29,5 +29,6 @@ def load_mini_imagenet(root: str | Path, image_size: int = 84, progress=iter) ->
             raise DatasetError(f"no images found under {folder}")
         files = [Path(s.path) for _, sources in classes for s in sources]
         splits[split] = cached(f"mini-imagenet-{split}", dict(files=fingerprint(files), size=image_size),
-                               lambda: decode_classes(classes, image_size, "RGB", progress))
+                               lambda: decode_classes(classes, image_size, "RGB", progress),
+                               classes, (3, image_size, image_size))
     return splits

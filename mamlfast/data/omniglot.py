@@ -32,7 +32,8 @@ def load_omniglot(root: str | Path, image_size: int = 28, progress=iter) -> dict
         raise DatasetError(f"no Omniglot images found under {root}")
     files = [p for s in sources for p in ([s] if s.is_file() else sorted(s.rglob("*.png")))]
     all_classes = cached("omniglot", dict(root=fingerprint(files), size=image_size),
-                         lambda: _invert(decode_classes(classes, image_size, "L", progress)))
+                         lambda: _invert(decode_classes(classes, image_size, "L", progress)),
+                         classes, (1, image_size, image_size))
     return split_classes(all_classes)
 
 
