@@ -82,7 +82,8 @@ class Trainer:
         self.keep, self.log_every, self.progress = keep, log_every, progress and ranks.is_main
         self.out = Path(out_dir)
         self.checkpoint_dir = self.out / "checkpoints"
-        self.run = dict(dataset=dataset.name, data_root=str(data_root) if data_root else None)
+        self.run = dict(dataset=dataset.name, data_root=str(data_root) if data_root else None,
+                        data_options=dataset.options)
         torch.manual_seed(cfg.seed)
         self.learner = MAMLPlusPlus(cfg).to(self.device)
         self.optimizer = make_optimizer(self.learner, cfg, self.device)
@@ -171,6 +172,10 @@ class Trainer:
         if payload["run"]["dataset"] != self.run["dataset"]:
             raise checkpoints.CheckpointError(
                 f"checkpoint {path} was trained on {payload['run']['dataset']}, not {self.run['dataset']}")
+        if payload["run"].get("data_options", {}) != self.run["data_options"]:
+            raise checkpoints.CheckpointError(
+                f"checkpoint {path} read its data with {payload['run'].get('data_options', {})}, "
+                f"not {self.run['data_options']}")
         self.learner.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
