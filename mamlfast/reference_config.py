@@ -154,7 +154,7 @@ def translate(entries: dict[str, Any], quirks: bool = False, dataset_dir: str | 
     if quirks:
         done = "; ".join(quirk_lines) or "none of its defects concern this config"
         notes.append(f"--reference-quirks: {done}; not reproduced: {NOT_REPRODUCED}")
-    if options["min_meta_lr"] < options["meta_lr"]:
+    elif options["min_meta_lr"] < options["meta_lr"]:
         notes.append("the meta learning rate's cosine: mamlfast steps it every iteration, the reference code once "
                      "per epoch (not reproduced)")
     if INIT_SEED in entries:
@@ -234,8 +234,8 @@ def _dataset(read: _Reader) -> str:
             raise ValueError("sets_are_pre_split=false: mamlfast reads mini-ImageNet's classes from its train, val "
                              "and test folders, as the reference does with sets_are_pre_split=true")
         return "mini-imagenet"
-    raise ValueError(f"dataset_name={name!r}: mamlfast reads Omniglot and mini-ImageNet (a name containing "
-                     f"'omniglot' or 'imagenet', as the reference code tells them apart)")
+    raise ValueError(f"dataset_name={read.shown('dataset_name')}: mamlfast reads Omniglot and mini-ImageNet (a name "
+                     f"containing 'omniglot' or 'imagenet', as the reference code tells them apart)")
 
 
 def _data_root(path: str, dataset_dir: str | None, notes: list[str]) -> str:
