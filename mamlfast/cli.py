@@ -14,14 +14,12 @@ from tqdm import tqdm
 
 from . import __version__, checkpoints, config_file, distributed, ops
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
-from .data import DATASETS, load_dataset
+from .data import DATA_OPTIONS, DATASETS, load_dataset
 from .data.omniglot import CLASS_SPLITS
 from .data.download import default_omniglot_root, download_omniglot
 from .train import FixedTasks, Trainer, TrainingInterrupted, eval_chunk, mean_and_ci95
 
 DEFAULT_PRESET = "omniglot-5w1s"
-# load_dataset's options, as a run records them
-DATA_OPTIONS = ("class_split", "split_seed", "split_fractions", "pixels")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -172,10 +172,10 @@ class Trainer:
         if payload["run"]["dataset"] != self.run["dataset"]:
             raise checkpoints.CheckpointError(
                 f"checkpoint {path} was trained on {payload['run']['dataset']}, not {self.run['dataset']}")
-        if payload["run"].get("data_options", {}) != self.run["data_options"]:
+        saved_options = payload["run"].get("data_options")  # absent before runs recorded them
+        if saved_options is not None and saved_options != self.run["data_options"]:
             raise checkpoints.CheckpointError(
-                f"checkpoint {path} read its data with {payload['run'].get('data_options', {})}, "
-                f"not {self.run['data_options']}")
+                f"checkpoint {path} read its data with {saved_options}, not {self.run['data_options']}")
         self.learner.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])

@@ -9,15 +9,16 @@ from typing import Sequence
 import torch
 
 from ..config import MAMLConfig
-from . import mini_imagenet
+from . import mini_imagenet, omniglot
 from .images import ClassImages, DatasetError
 from .mini_imagenet import load_mini_imagenet
-from . import omniglot
 from .omniglot import ClassSplit, load_omniglot
 from .sampler import TaskSampler
 from .synthetic import make_synthetic
 
 DATASETS = ("synthetic", "omniglot", "mini-imagenet")
+# load_dataset's keyword options, which a run records to read its data again the same way
+DATA_OPTIONS = ("class_split", "split_seed", "split_fractions", "pixels")
 
 
 @dataclass
@@ -69,4 +70,5 @@ def load_dataset(name: str, cfg: MAMLConfig, root: str | Path | None = None, pro
                           mini_imagenet.MEAN, mini_imagenet.STD, False)
 
 
-__all__ = ["DATASETS", "ClassImages", "ClassSplit", "DatasetError", "FewShotDataset", "TaskSampler", "load_dataset"]
+__all__ = ["DATASETS", "DATA_OPTIONS", "ClassImages", "ClassSplit", "DatasetError", "FewShotDataset", "TaskSampler",
+           "load_dataset"]
