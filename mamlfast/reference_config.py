@@ -122,6 +122,7 @@ def translate(entries: dict[str, Any], quirks: bool = False, dataset_dir: str | 
     translation = Translation()
     options, notes = translation.options, translation.notes
     dataset = _dataset(read)
+    # the reference clips each meta-gradient element to [-10, 10] for a data set named *imagenet*
     options.update(dataset=dataset, grad_clip=10.0 if dataset == "mini-imagenet" else None)
     options["data_root"] = _data_root(read.string("dataset_path"), dataset_dir, notes)
     if read.integer("image_height") != read.integer("image_width"):
