@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoints, distributed, ops
+from . import __version__, checkpoints, config_file, distributed, ops
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
-from .data import DATASETS, infer_dataset, load_dataset
+from .data import DATA_OPTIONS, DATASETS, infer_dataset, load_dataset
+from .data.omniglot import CLASS_SPLITS
 from .data.download import default_omniglot_root, download_omniglot
 from .train import FixedTasks, Trainer, TrainingDiverged, TrainingInterrupted, check_fresh_folder, eval_chunk, \
     mean_and_ci95
@@ -30,12 +31,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; ``train_defaults`` (options by name, from a config file) replace the defaults of
+    ``mamlfast train``, so that options given on the command line override them."""
     parser = _Parser(prog="mamlfast", description="MAML++ training and evaluation, fast.")
     parser.add_argument("--version", action="version", version=f"mamlfast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="meta-train, validate every epoch, then test")
+    train.add_argument("--config", default=None, metavar="FILE",
+                       help="read the options from FILE: a run's config.json, or an experiment config of the "
+                            "reference code (HowToTrainYourMAMLPytorch); options given here override it")
+    train.add_argument("--reference-quirks", action="store_true",
+                       help="with a reference config: reproduce the reference code's known defects where possible, "
+                            "for numbers comparable with its runs")
     train.add_argument("--preset", choices=list(PRESETS), default=None,
                        help=f"the paper's configuration (default {DEFAULT_PRESET}; on --resume, the checkpoint's)")
     train.add_argument("--variant", choices=VARIANTS, default=None, help="maml++ (default), maml or fomaml")
@@ -43,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: the one --data-root holds, else synthetic (built in)")
     train.add_argument("--data-root", default=None,
                        help="folder of the omniglot or mini-imagenet data (omniglot default: ~/.cache/mamlfast/omniglot)")
+    train.add_argument("--class-split", choices=CLASS_SPLITS, default=None,
+                       help="Omniglot's class split: mamlfast's fixed split, or the reference code's from its seed "
+                            "(default: the reference's for one folder of all alphabets and for reference configs)")
+    train.add_argument("--split-seed", type=int, default=None, metavar="N",
+                       help="seed of the Omniglot class split (the reference's val_seed; default 0)")
     train.add_argument("--download", action="store_true",
                        help="fetch Omniglot's two zips into --data-root first, checking their MD5 sums")
     train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<preset>-<variant>)")
@@ -59,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     fields = train.add_argument_group("MAMLConfig fields (override the preset)")
     for field in dataclasses.fields(MAMLConfig):
         _add_field_option(fields, field)
+    train.set_defaults(**(train_defaults or {}))
 
     evaluate = commands.add_parser("eval", help="test saved checkpoints on the fixed test tasks")
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run or checkpoints folder")
@@ -144,6 +159,7 @@ def run_train(args) -> int:
                                     infer_dataset(data_root) if data_root and not args.resume else "synthetic")
     out = Path(args.out or f"runs/{dataset_name}-{preset}-{variant}")
     latest = out / "checkpoints" / "latest.pt"
+    data_options = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name, None) is not None}
     if args.resume:
         saved = checkpoints.load(latest)
         base = checkpoints.config_of(saved)
@@ -151,6 +167,7 @@ def run_train(args) -> int:
         checkpoints.check_same_run(saved, cfg, latest)
         dataset_name = args.dataset or saved["run"]["dataset"]
         data_root = data_root or saved["run"]["data_root"]
+        data_options = {**saved["run"].get("data_options", {}), **data_options}
     else:
         check_fresh_folder(out)  # checked again once the folder is locked; here before the data loads
         cfg = MAMLConfig.preset(preset, variant, **overrides)
@@ -161,13 +178,17 @@ def run_train(args) -> int:
         data_root = str(default_omniglot_root().resolve())
     if args.download:
         _download(dataset_name, data_root, ranks, progress)
-    dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress))
+    dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress),
+                           **data_options)
     trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, keep=args.keep,
                       log_every=args.log_every, progress=progress, ranks=ranks)
     if args.resume:
         trainer.resume(saved)
     say = print if ranks.is_main else (lambda *_: None)
     with trainer.own_folder():
+        if ranks.is_main:
+            config_file.write(out / "config.json", config_file.run_options(
+                cfg, dataset_name, data_root, dataset.options, args.keep, args.log_every))
         say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
             f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
             f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
@@ -198,6 +219,19 @@ def _test_line(summary: dict) -> str:
                    f"+- {100 * summary['ensemble_test_ci95']:.2f}")
 
 
+def _with_config_file(args, argv: list[str] | None):
+    """``args`` with the options of ``--config`` where the command line does not give them."""
+    if args.config is None:
+        if args.reference_quirks:
+            raise ValueError("--reference-quirks applies to a reference experiment config: give it with --config")
+        return args
+    loaded = config_file.read(args.config, args.reference_quirks)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in loaded.notes:
+            print(f"mamlfast: {note}")
+    return build_parser(loaded.options).parse_args(argv)
+
+
 def run_eval(args) -> int:
     paths = _checkpoint_paths(Path(args.checkpoint))
     device = _device(args.device)
@@ -210,7 +244,7 @@ def run_eval(args) -> int:
     run = ranked[0][1]["run"]
     progress = not args.no_progress
     dataset = load_dataset(run["dataset"], cfg, args.data_root or run["data_root"],
-                           progress=_progress("decoding classes", progress))
+                           progress=_progress("decoding classes", progress), **run.get("data_options", {}))
     tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg))
     label, where = _which_model(*ranked[0], len(paths))
     rows = [(label, learners[:1])]
@@ -299,6 +333,8 @@ COMMANDS = {"train": run_train, "eval": run_eval, "info": run_info}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train":
+            args = _with_config_file(args, argv)
         return COMMANDS[args.command](args)
     except TrainingInterrupted as stop:
         _tell_once(f"mamlfast: {stop}")

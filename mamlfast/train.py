@@ -39,7 +39,7 @@ from .step import MetaStep, make_optimizer, match_optimizer_to_device
 
 log = logging.getLogger(__name__)
 # What a run writes to its folder besides checkpoints/: a new run never writes among another's.
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "tensorboard")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "tensorboard")
 
 
 class TrainingInterrupted(Exception):
@@ -104,7 +104,7 @@ class Trainer:
         self.checkpoint_dir = self.out / "checkpoints"
         # resolved, so that eval and --resume find the data from any working directory
         data_root = str(Path(data_root).expanduser().resolve()) if data_root else None
-        self.run = dict(dataset=dataset.name, data_root=data_root)
+        self.run = dict(dataset=dataset.name, data_root=data_root, data_options=dataset.options)
         torch.manual_seed(cfg.seed)
         self.learner = MAMLPlusPlus(cfg).to(self.device)
         self.optimizer = make_optimizer(self.learner, cfg, self.device)
@@ -239,6 +239,10 @@ class Trainer:
         if payload["run"]["dataset"] != self.run["dataset"]:
             raise checkpoints.CheckpointError(
                 f"checkpoint {path} was trained on {payload['run']['dataset']}, not {self.run['dataset']}")
+        saved_options = payload["run"].get("data_options")  # absent before runs recorded them
+        if saved_options is not None and saved_options != self.run["data_options"]:
+            raise checkpoints.CheckpointError(
+                f"checkpoint {path} read its data with {saved_options}, not {self.run['data_options']}")
         self.learner.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])

@@ -70,8 +70,14 @@ class ImageSource:
         return f"{self.path}:{self.member}" if self.member else self.path
 
 
-def decode(source: ImageSource, archive: zipfile.ZipFile | None, size: int, mode: str) -> np.ndarray:
-    """The image at ``source`` as uint8 [C, size, size] in PIL ``mode`` ("L" or "RGB")."""
+def decode(source: ImageSource, archive: zipfile.ZipFile | None, size: int, mode: str,
+           resize_first: bool = False) -> np.ndarray:
+    """The image at ``source`` as uint8 [C, size, size] in PIL ``mode`` ("L" or "RGB").
+
+    The image is converted to ``mode`` and then resized, so that a 1-bit image is smoothed;
+    with ``resize_first`` it is resized in its own mode, which Pillow does nearest-neighbour for
+    1-bit images, so that they stay binary.
+    """
     try:
         data = archive.read(source.member) if archive is not None else Path(source.path).read_bytes()
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
@@ -80,9 +86,13 @@ def decode(source: ImageSource, archive: zipfile.ZipFile | None, size: int, mode
         raise DatasetError(f"cannot read image {source}: {error.strerror or error}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image = _eight_bit(image, source).convert(mode)
+            image = _eight_bit(image, source)
+            if not resize_first:
+                image = image.convert(mode)
             if image.size != (size, size):
                 image = image.resize((size, size), Image.LANCZOS)
+            if image.mode != mode:
+                image = image.convert(mode)
             array = np.asarray(image, dtype=np.uint8)
     except DatasetError:
         raise
@@ -113,8 +123,8 @@ def _eight_bit(image: Image.Image, source: ImageSource) -> Image.Image:
 
 
 def decode_classes(classes: list[tuple[str, list[ImageSource]]], size: int, mode: str,
-                   progress: Callable[[Iterable], Iterable] = iter) -> ClassImages:
-    """Decode every image of every class (name, sources) into one ClassImages."""
+                   progress: Callable[[Iterable], Iterable] = iter, resize_first: bool = False) -> ClassImages:
+    """Decode every image of every class (name, sources) into one ClassImages (see ``decode``)."""
     archives: dict[str, zipfile.ZipFile] = {}
     try:
         arrays = []
@@ -125,7 +135,7 @@ def decode_classes(classes: list[tuple[str, list[ImageSource]]], size: int, mode
                     if source.path not in archives:
                         archives[source.path] = open_zip(source.path)
                     archive = archives[source.path]
-                arrays.append(decode(source, archive, size, mode))
+                arrays.append(decode(source, archive, size, mode, resize_first))
     finally:
         for archive in archives.values():
             archive.close()

@@ -1,16 +1,38 @@
-"""Omniglot in its distributed form: ``images_background`` and ``images_evaluation``, each a
-folder or a zip of ``<Alphabet>/<character>/<image>.png``.
+"""Omniglot in its distributed form, or as one folder of all alphabets as the MAML++ reference code reads it.
 
-All 1623 characters are pooled and split with a fixed seed into 1150 training, 50 validation
-and 423 test classes, as the MAML++ reference does; a root with another number of classes is
-split in the same proportions. Images are resized to the configured size and inverted, so
-that ink is bright (255) on a dark (0) background.
+Layouts of the root folder:
+
+- ``"parts"``: ``images_background`` and ``images_evaluation``, each a folder or a zip of
+  ``<Alphabet>/<character>/<image>.png`` (the distributed form);
+- ``"alphabets"``: ``<Alphabet>/<character>/<image>.png`` for all 50 alphabets in one folder
+  (the layout of the reference implementation, AntreasAntoniou/HowToTrainYourMAMLPytorch).
+
+A class is a character, named ``Alphabet/character`` in either layout. ``ClassSplit`` says how
+the classes are split into training, validation and test classes:
+
+- ``"mamlfast"``: the classes in listing order (the background part, then the evaluation part,
+  each sorted by name), permuted by ``torch.randperm`` seeded with ``seed``, and cut 1150/50/423
+  (in proportion, for a root with another number of classes). The default for the parts layout.
+- ``"reference"``: the reference code's split, class for class and in its order: the names
+  sorted, shuffled by numpy's ``RandomState`` seeded the way the reference derives its seed from
+  its ``val_seed`` (``seed`` here), and cut at ``int(f0 * N)`` and ``int((f0 + f1) * N)`` for
+  ``fractions`` (f0, f1, ...); the test classes are the rest. The default for the alphabets
+  layout and for the reference's experiment configs.
+
+``pixels`` says how images become tensors: ``"mamlfast"`` converts to greyscale, resizes with
+LANCZOS and inverts, so that smooth ink is bright (255) on a dark (0) background; ``"reference"``
+resizes the 1-bit image in its own mode (Pillow does so nearest-neighbour) and keeps it binary,
+ink dark (0) on a bright (255) background, as the reference code feeds it.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import torch
 
 from .images import ClassImages, DatasetError, ImageSource, cached, decode_classes, fingerprint, open_zip
@@ -18,34 +40,113 @@ from .images import ClassImages, DatasetError, ImageSource, cached, decode_class
 PARTS = ("images_background", "images_evaluation")
 SPLIT_CLASSES = {"train": 1150, "val": 50, "test": 423}
 SPLIT_SEED = 0
+CLASS_SPLITS = ("mamlfast", "reference")
+PIXELS = ("mamlfast", "reference")
+# The reference's train_val_test_split for Omniglot (its int() cuts give 1150/50/423 of 1623 classes).
+REFERENCE_FRACTIONS = (0.70918052988, 0.03080714725, 0.2606284658)
 FETCH_HINT = "mamlfast train --download fetches the two zips there"
 
 
-def load_omniglot(root: str | Path, image_size: int = 28, progress=iter) -> dict[str, ClassImages]:
-    """The train/val/test splits of the Omniglot at ``root``."""
+@dataclass(frozen=True)
+class ClassSplit:
+    """How the classes are split into training, validation and test classes (see the module)."""
+
+    method: str = "mamlfast"
+    seed: int = SPLIT_SEED
+    fractions: tuple[float, ...] = REFERENCE_FRACTIONS  # the "reference" method's
+
+    def __post_init__(self) -> None:
+        if self.method not in CLASS_SPLITS:
+            raise DatasetError(f"unknown class split {self.method!r}; choose one of {', '.join(CLASS_SPLITS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise DatasetError(f"the class split's seed must be an integer in [0, 2**32), got {self.seed!r}")
+        fractions = self.fractions
+        if (not 2 <= len(fractions) <= 3
+                or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions)
+                or fractions[0] + fractions[1] > 1):
+            raise DatasetError(f"the class split's fractions must be 2 or 3 non-negative numbers, the first two "
+                               f"summing to at most 1 (train, val; the test classes are the rest), got {fractions!r}")
+
+    def options(self) -> dict:
+        """This split as ``load_dataset`` options."""
+        options = dict(class_split=self.method, split_seed=self.seed)
+        if self.method == "reference":
+            options["split_fractions"] = list(self.fractions)
+        return options
+
+    def indices(self, names: list[str]) -> dict[str, list[int]]:
+        """For each split, the indices into ``names`` of its classes, in the split's order."""
+        total = len(names)
+        if self.method == "mamlfast":
+            order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed)).tolist()
+            reference_total = sum(SPLIT_CLASSES.values())
+            train_end = round(total * SPLIT_CLASSES["train"] / reference_total)
+            val_end = train_end + round(total * SPLIT_CLASSES["val"] / reference_total)
+        else:
+            by_name = sorted(range(total), key=names.__getitem__)
+            # the reference seeds its shuffle with a number drawn from its val_seed
+            shuffle_seed = np.random.RandomState(self.seed).randint(1, 999999)
+            shuffled = np.arange(total, dtype=np.int32)
+            np.random.RandomState(shuffle_seed).shuffle(shuffled)
+            order = [by_name[i] for i in shuffled.tolist()]
+            train_end = int(self.fractions[0] * total)
+            val_end = int(np.sum(self.fractions[:2]) * total)
+        return {"train": order[:train_end], "val": order[train_end:val_end], "test": order[val_end:]}
+
+
+def layout(root: str | Path) -> str:
+    """The layout of the Omniglot at ``root``: ``"parts"`` or ``"alphabets"`` (see the module)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"Omniglot root {root} does not exist or is not a folder ({FETCH_HINT})")
-    sources = [_part_source(root, part) for part in PARTS]
-    classes = [c for source in sources for c in _list_classes(source)]
+    if any((root / part).exists() or (root / f"{part}.zip").exists() for part in PARTS):
+        return "parts"
+    if next(root.glob("*/*/*.png"), None) is not None:
+        return "alphabets"
+    raise DatasetError(f"Omniglot root {root} holds neither {PARTS[0]}/ nor {PARTS[0]}.zip, nor one folder per "
+                       f"alphabet (<Alphabet>/<character>/<image>.png) ({FETCH_HINT})")
+
+
+def default_split(root: str | Path) -> ClassSplit:
+    """The class split used unless one is asked for: the reference's for its own layout."""
+    return ClassSplit("reference" if layout(root) == "alphabets" else "mamlfast")
+
+
+def list_classes(root: str | Path) -> tuple[list[tuple[str, list[ImageSource]]], list[Path]]:
+    """Every class of the Omniglot at ``root`` as (``Alphabet/character``, its images), in listing
+    order, and the files that identify the contents."""
+    root = Path(root)
+    if layout(root) == "alphabets":
+        files = sorted(root.glob("*/*/*.png"))
+        classes = _group((path, ImageSource(str(path))) for path in files)
+    else:
+        sources = [_part_source(root, part) for part in PARTS]
+        classes = [c for source in sources for c in _list_part(source)]
+        files = [p for s in sources for p in ([s] if s.is_file() else sorted(s.rglob("*.png")))]
     if not classes:
         raise DatasetError(f"no Omniglot images found under {root}")
-    files = [p for s in sources for p in ([s] if s.is_file() else sorted(s.rglob("*.png")))]
-    all_classes = cached("omniglot", dict(root=fingerprint(files), size=image_size),
-                         lambda: _invert(decode_classes(classes, image_size, "L", progress)),
+    twice = [name for name, count in Counter(name for name, _ in classes).items() if count > 1]
+    if twice:
+        raise DatasetError(f"Omniglot root {root} holds the character {twice[0]} in both {PARTS[0]} and {PARTS[1]}")
+    return classes, files
+
+
+def load_omniglot(root: str | Path, image_size: int = 28, progress=iter, class_split: ClassSplit | None = None,
+                  pixels: str = "mamlfast") -> dict[str, ClassImages]:
+    """The train/val/test splits of the Omniglot at ``root``; ``class_split`` defaults to ``default_split``."""
+    if pixels not in PIXELS:
+        raise DatasetError(f"unknown Omniglot pixels {pixels!r}; choose one of {', '.join(PIXELS)}")
+    classes, files = list_classes(root)
+    split = class_split or default_split(root)
+    reference_pixels = pixels == "reference"
+
+    def decode():
+        decoded = decode_classes(classes, image_size, "L", progress, resize_first=reference_pixels)
+        return decoded if reference_pixels else _invert(decoded)
+
+    all_classes = cached("omniglot", dict(root=fingerprint(files), size=image_size, pixels=pixels), decode,
                          classes, (1, image_size, image_size))
-    return split_classes(all_classes)
-
-
-def split_classes(all_classes: ClassImages) -> dict[str, ClassImages]:
-    """A fixed random partition of the classes in the proportions of ``SPLIT_CLASSES``."""
-    total = all_classes.num_classes
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    reference_total = sum(SPLIT_CLASSES.values())
-    train = round(total * SPLIT_CLASSES["train"] / reference_total)
-    val = round(total * SPLIT_CLASSES["val"] / reference_total)
-    bounds = {"train": (0, train), "val": (train, train + val), "test": (train + val, total)}
-    return {split: all_classes.select(order[start:stop]) for split, (start, stop) in bounds.items()}
+    return {name: all_classes.select(indices) for name, indices in split.indices(all_classes.names).items()}
 
 
 def _part_source(root: Path, part: str) -> Path:
@@ -55,23 +156,25 @@ def _part_source(root: Path, part: str) -> Path:
     raise DatasetError(f"Omniglot root {root} holds neither {part}/ nor {part}.zip ({FETCH_HINT})")
 
 
-def _list_classes(source: Path) -> list[tuple[str, list[ImageSource]]]:
-    """(``Alphabet/character``, its images) for every character of a folder or zip, sorted."""
+def _list_part(source: Path) -> list[tuple[str, list[ImageSource]]]:
+    """(``Alphabet/character``, its images) for every character of a part's folder or zip."""
+    if source.is_dir():
+        return _group((path, ImageSource(str(path))) for path in source.glob("*/*/*.png"))
+    with open_zip(str(source)) as archive:
+        members = [m for m in archive.namelist() if m.lower().endswith(".png")]
+    for member in members:
+        if len(Path(member).parts) < 3:
+            raise DatasetError(f"unexpected file {member} in {source}: expected <Alphabet>/<character>/<image>.png")
+    return _group((Path(member), ImageSource(str(source), member)) for member in members)
+
+
+def _group(images: Iterable[tuple[Path, ImageSource]]) -> list[tuple[str, list[ImageSource]]]:
+    """Images (path, source) grouped by class, named after their alphabet and character folders; sorted."""
     by_class: dict[str, list[ImageSource]] = {}
-    if source.is_file():
-        with open_zip(str(source)) as archive:
-            members = [m for m in archive.namelist() if m.lower().endswith(".png")]
-        for member in members:
-            parts = Path(member).parts
-            if len(parts) < 3:
-                raise DatasetError(f"unexpected file {member} in {source}: expected <Alphabet>/<character>/<image>.png")
-            by_class.setdefault("/".join(parts[-3:-1]), []).append(ImageSource(str(source), member))
-    else:
-        for path in source.glob("*/*/*.png"):
-            by_class.setdefault(f"{path.parent.parent.name}/{path.parent.name}", []).append(ImageSource(str(path)))
+    for path, source in images:
+        by_class.setdefault(f"{path.parent.parent.name}/{path.parent.name}", []).append(source)
     return [(name, sorted(by_class[name], key=str)) for name in sorted(by_class)]
 
 
 def _invert(classes: ClassImages) -> ClassImages:
     return ClassImages(255 - classes.images, classes.counts, classes.names)
-
