@@ -120,7 +120,9 @@ class Backbone(nn.Module):
                 x, gamma, beta,
                 running_mean if keep_stats else None, running_var if keep_stats else None,
                 training=not use_running_stats, momentum=norm.momentum, eps=norm.eps, backend=backend)
-            x = F.max_pool2d(F.leaky_relu(x, LEAKY_RELU_SLOPE), 2)
+            # Pooling first gives the same values and gradients (the leaky ReLU is increasing, so it commutes
+            # with a max) for a quarter of the ReLU's work and one full-size activation fewer kept for backward.
+            x = F.leaky_relu(F.max_pool2d(x, 2), LEAKY_RELU_SLOPE)
         head_weight, head_bias = params[-2], params[-1]
         # [M, B*F, h, w] -> [B, M, F*h*w]
         features = x.reshape(x.shape[0], tasks, -1).transpose(0, 1)
