@@ -86,11 +86,11 @@ class Backbone(nn.Module):
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """[B, P] -> views [B, *shape] of each adapted parameter, in flat-buffer order."""
-        views, offset = [], 0
-        for p in self.adapted_parameters().values():
-            views.append(flat[:, offset:offset + p.numel()].view(flat.shape[0], *p.shape))
-            offset += p.numel()
-        return views
+        shapes = [p.shape for p in self.adapted_parameters().values()]
+        # One split rather than a slice per tensor: its backward writes the [B, P] gradient in one
+        # pass, where each slice's backward would fill a zero [B, P] buffer to be added to the others.
+        chunks = flat.split([shape.numel() for shape in shapes], dim=1)
+        return [chunk.view(flat.shape[0], *shape) for chunk, shape in zip(chunks, shapes)]
 
     def forward_tasks(
         self,
