@@ -5,7 +5,8 @@ schedule: first order with the multi-step loss, first order, second order), vali
 every epoch, checkpoints and logs, and the test protocol (best model and top-k ensemble).
 Each phase's peak resident memory is measured by lowering the kernel's high-water mark at
 every change of phase (Linux ``/proc/self/clear_refs``), so the whole run's peak is the
-largest of them; an outer ``/usr/bin/time -v`` would see only the last phase's.
+largest of them. An outer ``/usr/bin/time -v`` then sees only the last phase's peak: under it,
+pass ``--no-phase-peaks``, and each phase reports the run's peak so far.
 
     python benchmarks/train_run.py --dataset omniglot --data-root ../shared/datasets/omniglot \\
         --epochs 4 --iters-per-epoch 250 --msl-epochs 1 --first-order-epochs 2 --threads 1 --json out.json
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one, removed)")
+    parser.add_argument("--no-phase-peaks", dest="phase_peaks", action="store_false",
+                        help="leave the high-water mark alone (for /usr/bin/time -v): peaks so far, not per phase")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser.parse_args(argv)
 
@@ -55,12 +58,12 @@ def parse_args(argv=None):
 class PhaseClock:
     """Seconds and peak resident memory per named phase; a phase may recur (training, validation)."""
 
-    def __init__(self):
+    def __init__(self, peaks_per_phase: bool):
         self.seconds: dict[str, float] = {}
         self.peaks: dict[str, int] = {}
         self.counts: dict[str, int] = {}
         self.current, self.since = None, time.perf_counter()
-        self.peaks_per_phase = reset_peak_resident()
+        self.peaks_per_phase = peaks_per_phase and reset_peak_resident()
 
     def enter(self, phase: str | None) -> None:
         """End the current phase and start ``phase`` (None: between phases, not counted)."""
@@ -113,7 +116,7 @@ def main(argv=None) -> dict:
     cfg = mamlfast.MAMLConfig.preset(args.preset, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                                      msl_epochs=args.msl_epochs, first_order_epochs=args.first_order_epochs,
                                      eval_tasks=args.eval_tasks)
-    clock = PhaseClock()
+    clock = PhaseClock(args.phase_peaks)
     with tempfile.TemporaryDirectory() as scratch:
         clock.enter("data")
         dataset = load_dataset(args.dataset, cfg, args.data_root)
@@ -126,8 +129,7 @@ def main(argv=None) -> dict:
         summary = trainer.test()
         clock.enter(None)
     total = time.perf_counter() - STARTED
-    phases = [dict(phase=phase, seconds=seconds, count=clock.counts[phase],
-                   peak_resident_mb=clock.peaks[phase] / 2**20 if clock.peaks_per_phase else None)
+    phases = [dict(phase=phase, seconds=seconds, count=clock.counts[phase], peak_resident_mb=clock.peaks[phase] / 2**20)
               for phase, seconds in clock.seconds.items()]
     result = dict(device=device_name(torch.device(args.device)), **versions(), threads=torch.get_num_threads(),
                   preset=args.preset, dataset=args.dataset, config=cfg.to_dict(), imported=imported, phases=phases,
@@ -148,14 +150,14 @@ def print_table(result: dict) -> None:
           f"{result['preset']}, {cfg['epochs']} epochs x {cfg['iters_per_epoch']} iterations, "
           f"{cfg['eval_tasks']} validation and test tasks; load average {result['load_average_before'][0]:.1f} "
           f"before, {result['load_average_after'][0]:.1f} after")
-    print(f"{'phase':<34} {'seconds':>8} {'count':>6} {'ms each':>8} {'peak MB':>8}")
+    peak = "peak MB" if result["peak_is_per_phase"] else "peak so far"
+    print(f"{'phase':<34} {'seconds':>8} {'count':>6} {'ms each':>8} {peak:>11}")
     imported = result["imported"]
-    print(f"{'python and imports':<34} {imported['seconds']:>8.1f} {1:>6} {'':>8} {imported['resident_mb']:>8.0f}")
+    print(f"{'python and imports':<34} {imported['seconds']:>8.1f} {1:>6} {'':>8} {imported['resident_mb']:>11.0f}")
     for row in result["phases"]:
-        peak = "-" if row["peak_resident_mb"] is None else f"{row['peak_resident_mb']:.0f}"
         each = 1e3 * row["seconds"] / row["count"]
-        print(f"{row['phase']:<34} {row['seconds']:>8.1f} {row['count']:>6} {each:>8.0f} {peak:>8}")
-    print(f"{'whole run':<34} {result['total_seconds']:>8.1f} {'':>6} {'':>8} {result['peak_resident_mb']:>8.0f}")
+        print(f"{row['phase']:<34} {row['seconds']:>8.1f} {row['count']:>6} {each:>8.0f} {row['peak_resident_mb']:>11.0f}")
+    print(f"{'whole run':<34} {result['total_seconds']:>8.1f} {'':>6} {'':>8} {result['peak_resident_mb']:>11.0f}")
     print(f"test accuracy {100 * result['test_accuracy']:.2f}% (best model), "
           f"{100 * result['ensemble_test_accuracy']:.2f}% (ensemble of {result['ensemble_size']})")
 
