@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
                          peak_memory_mb=None if args.no_memory else peak_memory(args, configuration) / 2**20,
                          all_ms=times[configuration]))
     result = dict(device=device_name(device), **versions(), threads=torch.get_num_threads(), tasks=args.tasks,
-                  repeats=args.repeats, warmup=args.warmup, rows=rows)
+                  repeats=args.repeats, warmup=args.warmup, load_average=os.getloadavg(), rows=rows)
     print_table(result)
     if args.json:
         write_json(args.json, result)
@@ -133,7 +133,8 @@ def main(argv=None) -> dict:
 
 def print_table(result: dict) -> None:
     print(f"{result['device']}, torch {result['torch']}, {result['threads']} CPU threads, {result['tasks']} tasks "
-          f"per repetition, median of {result['repeats']} after {result['warmup']} warm-up")
+          f"per repetition, median of {result['repeats']} after {result['warmup']} warm-up; "
+          f"load average {result['load_average'][0]:.1f}")
     print(f"{'preset':<20} {'chunk':<10} {'ms/task':>8} {'s/600':>7} {'peak MiB':>9} {'vs slowest':>10}")
     for row in result["rows"]:
         name = row["configuration"] if row["configuration"] in ("auto", "loop") else ""

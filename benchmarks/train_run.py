@@ -156,7 +156,8 @@ def print_table(result: dict) -> None:
     print(f"{'python and imports':<34} {imported['seconds']:>8.1f} {1:>6} {'':>8} {imported['resident_mb']:>11.0f}")
     for row in result["phases"]:
         each = 1e3 * row["seconds"] / row["count"]
-        print(f"{row['phase']:<34} {row['seconds']:>8.1f} {row['count']:>6} {each:>8.0f} {row['peak_resident_mb']:>11.0f}")
+        print(f"{row['phase']:<34} {row['seconds']:>8.1f} {row['count']:>6} {each:>8.0f} "
+              f"{row['peak_resident_mb']:>11.0f}")
     print(f"{'whole run':<34} {result['total_seconds']:>8.1f} {'':>6} {'':>8} {result['peak_resident_mb']:>11.0f}")
     print(f"test accuracy {100 * result['test_accuracy']:.2f}% (best model), "
           f"{100 * result['ensemble_test_accuracy']:.2f}% (ensemble of {result['ensemble_size']})")
