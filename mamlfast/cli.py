@@ -245,15 +245,16 @@ def run_eval(args) -> int:
     progress = not args.no_progress
     dataset = load_dataset(run["dataset"], cfg, args.data_root or run["data_root"],
                            progress=_progress("decoding classes", progress), **run.get("data_options", {}))
-    tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg))
+    tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg, device))
     label, where = _which_model(*ranked[0], len(paths))
     rows = [(label, learners[:1])]
     if len(learners) > 1:
         rows.append((f"ensemble of {len(learners)}", learners))
     print(f"{run['dataset']} {args.split}, {cfg.eval_tasks} tasks, {cfg.n_way}-way {cfg.k_shot}-shot; "
           f"{label} {ranked[0][0]} ({where})")
-    for name, members in rows:
-        accuracy, ci95 = mean_and_ci95(tasks.accuracies(members, progress))
+    accuracies = tasks.accuracies(*(members for _, members in rows), progress=progress)
+    for (name, _), row in zip(rows, accuracies):
+        accuracy, ci95 = mean_and_ci95(row)
         print(f"{name:<16} {100 * accuracy:6.2f}% +- {100 * ci95:.2f}")
     return 0
 

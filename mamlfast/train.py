@@ -63,16 +63,23 @@ class FixedTasks:
         share = ranks.eval_slice(count)
         self.indices, self.rotations = indices[share], rotations[share]
 
-    def accuracies(self, learners: list[MAMLPlusPlus], progress: bool = False) -> torch.Tensor:
-        """Per-task query accuracy [T] of ``learners``' averaged logits (one learner: itself)."""
-        results = [torch.zeros(0, device=self.sampler.device)]
+    def accuracies(self, *ensembles: list[MAMLPlusPlus], progress: bool = False) -> torch.Tensor:
+        """Per-task query accuracy [E, T] of each of the E ``ensembles`` (learners whose logits are
+        averaged; one learner: itself), all from one pass: each batch of tasks is drawn once, and
+        every distinct learner adapts to it once, whatever the number of ensembles it is in."""
+        learners = list({id(learner): learner for ensemble in ensembles for learner in ensemble}.values())
+        results = [torch.zeros(len(ensembles), 0, device=self.sampler.device)]
         starts = range(0, len(self.indices), self.chunk)
         for start in tqdm(starts, desc=f"{self.sampler.name} tasks", leave=False, disable=not progress):
             stop = start + self.chunk
             batch = self.sampler.batch(self.indices[start:stop], self.rotations[start:stop])
-            logits = sum(learner.predict(batch.x_support, batch.y_support, batch.x_query) for learner in learners)
-            results.append((logits.argmax(-1) == batch.y_query).float().mean(1))
-        return self.ranks.gather(torch.cat(results), self.count).cpu()
+            logits = {id(learner): learner.predict(batch.x_support, batch.y_support, batch.x_query)
+                      for learner in learners}
+            results.append(torch.stack([
+                (sum(logits[id(learner)] for learner in ensemble).argmax(-1) == batch.y_query).float().mean(1)
+                for ensemble in ensembles]))
+        local = torch.cat(results, 1)
+        return torch.stack([self.ranks.gather(row, self.count) for row in local]).cpu()
 
 
 def mean_and_ci95(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -82,12 +89,36 @@ def mean_and_ci95(accuracies: torch.Tensor) -> tuple[float, float]:
     return accuracies.double().mean().item(), 1.96 * spread / math.sqrt(n)
 
 
-def eval_chunk(cfg: MAMLConfig, budget: int = 2**28) -> int:
-    """Tasks per evaluation batch: as many as keep four copies of the first layer's
-    activations (about what an adaptation step holds at once) under ``budget`` values."""
-    images = cfg.n_way * (cfg.k_shot + cfg.k_query)
-    per_task = images * cfg.num_filters * cfg.image_size ** 2 * 4
-    return max(1, min(cfg.eval_tasks, budget // per_task))
+# Evaluation adapts a batch of tasks at once (first order, ``eval_inner_steps``). On a CPU most of
+# its time goes to elementwise passes (batch norm, leaky ReLU, max-pooling and their backward)
+# over the first stage's activations; they run at cache speed while one activation of the whole
+# batch stays within CPU_EVAL_BYTES, and slower above (measured: benchmarks/eval_chunk.py). On a GPU
+# a bigger batch means fewer launches, up to the size at which one elementwise pass is long
+# enough to hide a launch (GPU_EVAL_BYTES, an estimate to confirm with the same benchmark), and
+# within a quarter of the free memory.
+CPU_EVAL_BYTES = 16 * 2**20
+GPU_EVAL_BYTES = 128 * 2**20
+# What evaluating one task holds at its peak, in first-stage activations of one image (measured
+# on the CPU for the Omniglot and mini-ImageNet presets): an adaptation step about 7 per support
+# image (the saved forward and its gradients), the final query forward about 3 per query image.
+SUPPORT_ACTIVATIONS, QUERY_ACTIVATIONS = 7, 3
+
+
+def eval_chunk(cfg: MAMLConfig, device: torch.device | str = "cpu") -> int:
+    """Tasks per evaluation batch on ``device``, spread evenly over ``cfg.eval_tasks``."""
+    device = torch.device(device)
+    image_bytes = cfg.num_filters * cfg.image_size ** 2 * 4  # one image's first-stage activation
+    support, query = cfg.n_way * cfg.k_shot, cfg.n_way * cfg.k_query
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
+        peak = image_bytes * max(SUPPORT_ACTIVATIONS * support, QUERY_ACTIVATIONS * query)
+        tasks = min(GPU_EVAL_BYTES // (image_bytes * max(support, query)), free // 4 // peak)
+    else:
+        tasks = CPU_EVAL_BYTES // (image_bytes * max(support, query))
+    tasks = max(1, min(cfg.eval_tasks, tasks))
+    batches = -(-cfg.eval_tasks // tasks)
+    return -(-cfg.eval_tasks // batches)
 
 
 class Trainer:
@@ -111,7 +142,7 @@ class Trainer:
         self.scheduler = cosine_meta_lr(self.optimizer, cfg)
         self.meta_step = MetaStep(self.learner, self.optimizer, cfg, self.device, ranks)
         self.train_tasks = dataset.sampler("train", cfg, self.device)
-        chunk = eval_chunk(cfg)
+        chunk = eval_chunk(cfg, self.device)
         self.val_tasks = FixedTasks(dataset.sampler("val", cfg, self.device), cfg.eval_tasks, chunk, ranks)
         self.test_tasks = FixedTasks(dataset.sampler("test", cfg, self.device), cfg.eval_tasks, chunk, ranks)
         self.iteration = 0
@@ -175,8 +206,9 @@ class Trainer:
         return out
 
     def test(self) -> dict:
-        """The paper's protocol on the fixed test tasks: the best model, and the top-k ensemble.
-        With ``keep=0`` no epoch checkpoint is kept: the final model is tested, and no ensemble.
+        """The paper's protocol on the fixed test tasks: the best model, and the top-k ensemble,
+        from one pass over the tasks. With ``keep=0`` no epoch checkpoint is kept: the final
+        model is tested, and no ensemble.
 
         ``test_model`` in the summary says which model was tested ("best" or "final"),
         ``test_epoch`` after which epoch, and ``test_checkpoint`` the file that holds it."""
@@ -184,9 +216,9 @@ class Trainer:
         ensemble = [checkpoints.learner_from(checkpoints.load(path), self.device, backend=self.cfg.backend)
                     for path in paths]
         best = ensemble[:1] or [self.learner.eval()]
-        test_accuracy, test_ci95 = mean_and_ci95(self.test_tasks.accuracies(best, self.progress))
-        ensemble_accuracy, ensemble_ci95 = (mean_and_ci95(self.test_tasks.accuracies(ensemble, self.progress))
-                                            if ensemble else (None, None))
+        rows = self.test_tasks.accuracies(best, *([ensemble] if ensemble else []), progress=self.progress)
+        test_accuracy, test_ci95 = mean_and_ci95(rows[0])
+        ensemble_accuracy, ensemble_ci95 = mean_and_ci95(rows[1]) if ensemble else (None, None)
         best_entry = min(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]), default=None)
         tested = paths[0] if paths else self.checkpoint_dir / "latest.pt"
         summary = dict(
@@ -272,7 +304,7 @@ class Trainer:
         epoch = self.iteration // self.cfg.iters_per_epoch - 1
         self.ranks.average_buffers(self.learner)
         self.learner.eval()
-        accuracy, ci95 = mean_and_ci95(self.val_tasks.accuracies([self.learner]))
+        accuracy, ci95 = mean_and_ci95(self.val_tasks.accuracies([self.learner])[0])
         self.learner.train()
         self.history.append(dict(epoch=epoch, iteration=self.iteration, val_accuracy=accuracy, kept=False))
         ranked = sorted(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]))
