@@ -13,7 +13,7 @@ from .learner import MAMLPlusPlus
 
 FORMAT = 1
 # Fields that change how a run executes, not what it computes: a run may resume with others.
-EXECUTION_FIELDS = ("backend", "cuda_graphs")
+EXECUTION_FIELDS = ("backend", "cuda_graphs", "recompute")
 
 
 class CheckpointError(ValueError):
