@@ -136,10 +136,12 @@ class MAMLPlusPlus(nn.Module):
         if key not in self._auto_recompute:
             needed = (1 + BACKWARD_HEADROOM) * self.second_order_bytes(batch, query_steps)
             free = recompute.free_bytes(device)
-            self._auto_recompute[key] = free is not None and needed > free
-            log.info("recompute='auto': a second-order meta-iteration needs about %.2f GiB, %s free on %s: "
-                     "recomputation %s", needed / 2**30, "unknown" if free is None else f"{free / 2**30:.2f} GiB",
-                     device, "on" if self._auto_recompute[key] else "off")
+            on = self._auto_recompute[key] = free is not None and needed > free
+            # a warning where it switches on: the configuration does not fit, and runs slower
+            log.log(logging.WARNING if on else logging.INFO,
+                    "recompute='auto': a second-order meta-iteration needs about %.2f GiB, %s free on %s: "
+                    "recomputation %s", needed / 2**30, "unknown" if free is None else f"{free / 2**30:.2f} GiB",
+                    device, "on" if on else "off")
         return self._auto_recompute[key]
 
     def _query_loss(self, flat, x, y, step):

@@ -12,6 +12,7 @@ from conftest import DEVICE, perturbed_learner, random_batch, relative_errors, w
 from mamlfast import checkpoints, ops, recompute
 from mamlfast.cli import build_parser
 from mamlfast.learner import MAMLPlusPlus
+from mamlfast.step import MetaStep, make_optimizer
 
 CASES = {
     # name: (preset, variant, overrides, epoch)
@@ -94,7 +95,7 @@ def _reference_tolerance(dtype):
     return (1e-6, 1e-6) if dtype == torch.float64 else (1e-4, 1e-2)  # as in test_fused_backends
 
 
-@pytest.fixture(params=["torch", "triton", "cuda"])
+@pytest.fixture(params=ops.OP_BACKENDS)
 def op_backend(request):
     reason = ops.availability(torch.device(DEVICE))[request.param]
     if reason:
@@ -140,6 +141,29 @@ def test_the_graph_keeps_a_small_part_and_a_second_backward_recomputes_again(sma
     first = torch.autograd.grad(out.loss, list(recomputing.parameters()), retain_graph=True)
     second = torch.autograd.grad(out.loss, list(recomputing.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_captured_recomputing_steps_equal_eager_steps_without_recompute(small_cfg, backend):
+    """Recomputation inside a CUDA-graph capture: nothing in it may wait on the host."""
+    cfg = small_cfg.replace(backend=backend, first_order_epochs=0, msl_epochs=1, grad_clip=5.0)
+    device = torch.device(DEVICE)
+    batches = [random_batch(cfg, 3, dtype=torch.float32, seed=i, device=DEVICE) for i in range(6)]
+    runs = []
+    for recompute_on, graphs in ((False, False), (True, True)):
+        run_cfg = cfg.replace(recompute=recompute_on, cuda_graphs=graphs)
+        learner = perturbed_learner(run_cfg, dtype=torch.float32).to(device)
+        step = MetaStep(learner, make_optimizer(learner, run_cfg, device), run_cfg, device)
+        losses = [step(batch, epoch).loss.item() for batch, epoch in zip(batches, [0] * 3 + [1] * 3)]
+        runs.append((learner, losses, step))
+    (eager, eager_losses, _), (captured, captured_losses, step) = runs
+    assert step.graphs and step.graph is not None
+    assert captured_losses == pytest.approx(eager_losses, rel=1e-5)
+    for (name, p), q in zip(captured.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, b), c in zip(captured.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_first_order_iterations_do_not_recompute(small_cfg, monkeypatch):
