@@ -2,7 +2,9 @@
 
 A meta-iteration is what training repeats (``mamlfast.step.MetaStep``): forward (inner loops
 and meta-loss), outer backward, and the Adam step. A configuration is a backend (loop, torch,
-triton, cuda, auto), with ``+graphs`` to replay the iteration from a CUDA graph, or ``func``:
+triton, cuda, auto), with ``+graphs`` to replay the iteration from a CUDA graph and
+``+recompute`` to recompute the inner steps in the outer backward (``MAMLConfig.recompute``),
+or ``func``:
 the same MAML++ written with torch.func (``func_peer.py``), what users write instead of
 mamlfast. The two yardsticks, ``loop`` and ``func``, are always measured, and every
 configuration is reported as a speed-up over both.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
+import importlib
 import os
 import signal
 import subprocess
@@ -47,6 +50,7 @@ from tables import meta_step_table, profile_table  # noqa: E402
 from timing import device_name, median, one_line, time_interleaved, versions  # noqa: E402
 
 YARDSTICKS = ("loop", "func")
+OPTIONS = ("graphs", "recompute")  # configuration suffixes: "+graphs", "+recompute"
 CAPTURE_WARMUP = 3  # MetaStep's two eager iterations, then the capture
 
 
@@ -55,7 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="omniglot-20w1s")
     parser.add_argument("--variant", default="maml++")
     parser.add_argument("--backends", default="torch", help="comma-separated configurations: func or a backend, "
-                                                            "optionally +graphs; loop and func are always added")
+                                                            "optionally +graphs and/or +recompute; loop and func "
+                                                            "are always added")
     parser.add_argument("--epoch", type=int, default=50, help="sets MSL weights and derivative order (50: second order)")
     parser.add_argument("--tasks", type=int, default=None, help="meta-batch size (default: the preset's)")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
@@ -78,16 +83,23 @@ def parse_args(argv=None):
     if not args.profile:
         args.configurations = list(YARDSTICKS) + [c for c in args.configurations if c not in YARDSTICKS]
     for configuration in args.configurations:
-        backend, plus, graphs = configuration.partition("+")
-        if backend not in BACKENDS + ("func",) or plus and (graphs != "graphs" or backend in YARDSTICKS):
+        if not _known(configuration):
             parser.error(f"unknown configuration {configuration!r}: func, loop, or one of "
-                         f"{', '.join(b for b in BACKENDS if b != 'loop')}, each optionally +graphs")
+                         f"{', '.join(b for b in BACKENDS if b != 'loop')}, each optionally "
+                         f"{' and/or '.join('+' + option for option in OPTIONS)}")
     try:
         args.overrides = dict(_field_value(item) for item in args.override)
-        config(args, "loop", False)
+        config(args, "loop")
     except ValueError as error:
         parser.error(str(error))
     return args
+
+
+def _known(configuration: str) -> bool:
+    backend, *options = configuration.split("+")
+    if backend in YARDSTICKS:
+        return not options
+    return backend in BACKENDS and len(set(options)) == len(options) and set(options) <= set(OPTIONS)
 
 
 def _field_value(item: str) -> tuple[str, object]:
@@ -100,8 +112,9 @@ def _field_value(item: str) -> tuple[str, object]:
         return field, text
 
 
-def config(args, backend: str, graphs: bool) -> mamlfast.MAMLConfig:
-    overrides = dict(args.overrides, backend=backend, cuda_graphs=graphs)
+def config(args, backend: str, options: tuple[str, ...] = ()) -> mamlfast.MAMLConfig:
+    overrides = dict(args.overrides, backend=backend, cuda_graphs="graphs" in options,
+                     recompute="recompute" in options)
     if args.tasks:
         overrides["meta_batch_size"] = args.tasks
     return mamlfast.MAMLConfig.preset(args.preset, args.variant, **overrides)
@@ -117,8 +130,8 @@ class Prepared:
 
 def build(args, configuration: str) -> tuple[Callable[[], object], MetaStep | None]:
     """A meta-iteration of ``configuration`` on a fixed random meta-batch, all starting from the same weights."""
-    backend, _, graphs = configuration.partition("+")
-    cfg = config(args, "loop" if backend == "func" else backend, graphs == "graphs")
+    backend, *options = configuration.split("+")
+    cfg = config(args, "loop" if backend == "func" else backend, tuple(options))
     device = torch.device(args.device)
     torch.manual_seed(0)
     learner = mamlfast.MAMLPlusPlus(cfg).to(device)
@@ -158,7 +171,8 @@ def prepare(args, configuration: str) -> Prepared:
 
 
 def peak_memory(args, configuration: str) -> int:
-    """Peak resident memory of ``configuration``'s meta-iterations, measured in a fresh process of its own."""
+    """Peak memory of ``configuration``'s meta-iterations (GPU: allocated by torch; CPU: resident),
+    measured in a fresh process of its own."""
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe", configuration, "--preset", args.preset,
                "--variant", args.variant, "--epoch", str(args.epoch), "--device", args.device,
                "--warmup", str(args.warmup)]
@@ -166,7 +180,10 @@ def peak_memory(args, configuration: str) -> int:
     for option, value in (("--tasks", args.tasks), ("--threads", args.threads)):
         if value:
             command += [option, str(value)]
-    probe = subprocess.run(command, capture_output=True, text=True)
+    # A fixed threshold makes glibc return every freed block of 128 KiB or more at once, so that
+    # resident memory follows the tensors alive, not what the allocator keeps from earlier peaks.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    probe = subprocess.run(command, capture_output=True, text=True, env=env)
     if probe.returncode != 0:
         raise RuntimeError(f"memory probe failed: {(probe.stderr.strip().splitlines() or ['no message'])[-1]}")
     return int(probe.stdout.split()[-1])
@@ -174,13 +191,24 @@ def peak_memory(args, configuration: str) -> int:
 
 def memory_probe(args) -> None:
     iterate, _ = build(args, args.memory_probe)
-    # Writing 5 to clear_refs resets the resident-memory high-water mark to the current size.
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = _proc_status_bytes("VmRSS")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        importlib.import_module("torch._dynamo")  # code that checkpointing loads on first use, not iteration memory
+        # Writing 5 to clear_refs resets the resident-memory high-water mark to the current size.
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        before = _proc_status_bytes("VmRSS")
     for _ in range(args.warmup + 2):
         iterate()
-    print(_proc_status_bytes("VmHWM") - before)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        print(torch.cuda.max_memory_allocated(device) - before)
+    else:
+        print(_proc_status_bytes("VmHWM") - before)
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -233,16 +261,16 @@ def measure(args) -> dict:
 def _rows(args, errors: dict[str, str], times: dict[str, list[float]], memory: dict[str, int | None]) -> list[dict]:
     """One row per configuration: its median and speed-ups over the yardsticks, or its error."""
     medians = {c: median(t) for c, t in times.items() if t and c not in errors}
-    tasks = config(args, "loop", False).meta_batch_size
+    tasks = config(args, "loop").meta_batch_size
     rows = []
     for configuration in args.configurations:
-        backend, _, graphs = configuration.partition("+")
+        backend, *options = configuration.split("+")
         ms = medians.get(configuration)
         peak = memory.get(configuration) if ms and not args.no_memory else None
         speedups = {yardstick: medians[yardstick] / ms if ms and yardstick in medians else None
                     for yardstick in YARDSTICKS}
-        rows.append(dict(preset=args.preset, variant=args.variant, backend=backend, graphs=graphs == "graphs",
-                         epoch=args.epoch, tasks=tasks, error=errors.get(configuration), median_ms=ms,
+        rows.append(dict(preset=args.preset, variant=args.variant, backend=backend, graphs="graphs" in options,
+                         recompute="recompute" in options, epoch=args.epoch, tasks=tasks, error=errors.get(configuration), median_ms=ms,
                          tasks_per_second=tasks / ms * 1e3 if ms else None,
                          peak_memory_mb=peak / 2**20 if peak is not None else None,
                          speedup_over_loop=speedups["loop"], speedup_over_func=speedups["func"],

@@ -12,10 +12,11 @@ def meta_step_table(result: dict) -> list[str]:
     lines = [f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['threads']} CPU threads, "
              f"median of {result['repeats']} after {result['warmup']} warm-up"
              + (" (interrupted: medians of what was measured)" if result.get("interrupted") else ""),
-             f"{'preset':<20} {'backend':<8} {'graphs':<6} {'ms/iter':>9} {'tasks/s':>9} {'peak MiB':>9} "
+             f"{'preset':<20} {'backend':<8} {'graphs':<6} {'recompute':<9} {'ms/iter':>9} {'tasks/s':>9} {'peak MiB':>9} "
              f"{'vs loop':>8} {'vs func':>8}"]
     for row in result["rows"]:
-        start = f"{row['preset']:<20} {row['backend']:<8} {'yes' if row['graphs'] else 'no':<6}"
+        start = (f"{row['preset']:<20} {row['backend']:<8} {'yes' if row['graphs'] else 'no':<6} "
+                 f"{'yes' if row.get('recompute') else 'no':<9}")
         if row["error"]:
             lines.append(f"{start} error: {row['error']}")
             continue

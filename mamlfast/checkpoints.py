@@ -16,7 +16,7 @@ from .learner import MAMLPlusPlus
 
 FORMAT = 2  # 2: with the SHA-256 of the contents
 # Fields that change how a run executes, not what it computes: a run may resume with others.
-EXECUTION_FIELDS = ("backend", "cuda_graphs")
+EXECUTION_FIELDS = ("backend", "cuda_graphs", "recompute")
 
 
 class CheckpointError(ValueError):

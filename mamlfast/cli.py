@@ -96,6 +96,9 @@ def _add_field_option(group, field: dataclasses.Field) -> None:
         group.add_argument(option, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
     elif field.type == "float | None":
         group.add_argument(option, dest=field.name, type=_optional_float, default=None, metavar="X|none")
+    elif field.type == "bool | str":  # recompute: --recompute, --recompute auto, --no-recompute
+        group.add_argument(option, dest=field.name, nargs="?", const=True, choices=("auto",), default=None)
+        group.add_argument("--no-" + option[2:], dest=field.name, action="store_const", const=False)
     else:
         choices = {"backend": BACKENDS, "bn_eval": BN_EVAL_MODES}.get(field.name)
         group.add_argument(option, dest=field.name, type={"int": int, "float": float}.get(field.type, str),

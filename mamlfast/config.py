@@ -83,6 +83,7 @@ class MAMLConfig:
     # execution
     backend: str = "auto"
     cuda_graphs: bool = True
+    recompute: bool | str = False         # second order: recompute inner steps in the backward; or "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +158,8 @@ def _validate(cfg: MAMLConfig) -> None:
         fail("bn_eval", f"must be one of {', '.join(BN_EVAL_MODES)}")
     if cfg.backend not in BACKENDS:
         fail("backend", f"must be one of {', '.join(BACKENDS)}")
+    if not (isinstance(cfg.recompute, bool) or cfg.recompute == "auto"):
+        fail("recompute", "must be False, True or 'auto'")
     per_step = [name for name in ("learn_inner_lrs", "per_step_bn_weights", "per_step_bn_stats")
                 if getattr(cfg, name)]
     if cfg.eval_inner_steps > cfg.inner_steps and per_step:

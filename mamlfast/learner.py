@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import ops, recompute, reference
 from .config import MAMLConfig
 from .model import Backbone, InnerLearningRates, fold_tasks
 from .schedules import msl_weights, query_steps, use_second_order
 from .tasks import MetaOutput, TaskBatch, check_tasks
+
+log = logging.getLogger(__name__)
+
+# What a second-order meta-iteration takes beyond the tensors its graph saves (the backward's own
+# gradients and workspaces), as a fraction of them: measured on the CPU (benchmarks/RESULTS.md).
+BACKWARD_HEADROOM = 0.1
 
 
 class MAMLPlusPlus(nn.Module):
@@ -30,6 +38,10 @@ class MAMLPlusPlus(nn.Module):
         self.inner_lrs = InnerLearningRates(list(adapted), cfg.inner_steps, cfg.inner_lr, cfg.learn_inner_lrs)
         sizes = [p.numel() for p in adapted.values()]
         self.register_buffer("segment_ids", ops.segment_ids_for(sizes), persistent=False)
+        self._auto_recompute: dict[tuple, bool] = {}
+        if cfg.backend == "loop" and cfg.recompute:
+            log.warning("recompute=%r is ignored with backend='loop': the per-task reference keeps every "
+                        "inner step's graph", cfg.recompute)
 
     def forward(self, batch: TaskBatch, epoch: int) -> MetaOutput:
         """Adapt to each task's support set and return the meta-loss on the query sets.
@@ -47,21 +59,27 @@ class MAMLPlusPlus(nn.Module):
 
         ``loss_weights`` [S] (floats, or a tensor that may change between CUDA-graph replays)
         weigh the query losses after the inner steps ``query_steps``; the others are skipped.
+        Where second order recomputes (``cfg.recompute``), every inner step and query loss is a
+        region that the outer backward runs again (``mamlfast.recompute``).
         """
         if self.cfg.backend == "loop":
             return reference.meta_forward(self, batch, [float(w) for w in loss_weights], second_order)
+        inner_step, query_loss = self._inner_step, self._query_loss
+        if second_order and self._recomputes(batch, query_steps):
+            rerun_context = self.net.hold_running_stats
+            inner_step = recompute.recomputed(inner_step, rerun_context)
+            query_loss = recompute.recomputed(query_loss, rerun_context)
         x_support, x_query = fold_tasks(batch.x_support), fold_tasks(batch.x_query)
         flat = self.net.flat_parameters(batch.num_tasks)
         rates = self.inner_lrs.stacked()
         meta_loss = 0.0
         per_step_losses = flat.new_full((self.cfg.inner_steps,), float("nan")).detach()
         for step in range(self.cfg.inner_steps):
-            flat = self._inner_step(flat, x_support, batch.y_support, step, rates,
-                                    create_graph=second_order, use_running_stats=False)
+            flat = inner_step(flat, x_support, batch.y_support, step, rates,
+                              create_graph=second_order, use_running_stats=False)
             if step not in query_steps:
                 continue
-            logits = self._logits(flat, x_query, step, use_running_stats=False)
-            loss = F.cross_entropy(logits.flatten(0, 1), batch.y_query.flatten())
+            loss, logits = query_loss(flat, x_query, batch.y_query, step)
             meta_loss = meta_loss + loss_weights[step] * loss
             per_step_losses[step] = loss.detach()
         accuracy = (logits.argmax(-1) == batch.y_query).float().mean()
@@ -94,6 +112,42 @@ class MAMLPlusPlus(nn.Module):
         (grads,) = torch.autograd.grad(loss, flat, create_graph=create_graph)
         lrs = rates[:, self.inner_lrs.step_column(step)]
         return ops.lslr_update(flat, grads, lrs, self.segment_ids, backend=self.cfg.backend)
+
+    def second_order_bytes(self, batch: TaskBatch, query_steps: tuple[int, ...]) -> int:
+        """Estimated memory that the graph of a second-order meta-forward of ``batch`` keeps
+        without recomputation: the tensors autograd saves, counted in a run of the torch backend
+        on the meta device (shapes only, no memory)."""
+        shadow = MAMLPlusPlus(self.cfg.replace(backend="torch", recompute=False)).to("meta", batch.x_support.dtype)
+        meta_batch = TaskBatch(*(torch.empty_like(t, device="meta") for t in batch.tensors()))
+        weights = [1.0] * self.cfg.inner_steps
+        return recompute.saved_bytes(lambda: shadow.meta_forward(meta_batch, weights, query_steps, True))
+
+    def _recomputes(self, batch: TaskBatch, query_steps: tuple[int, ...]) -> bool:
+        """Whether second-order meta-forwards of batches like ``batch`` recompute their inner steps.
+
+        ``recompute="auto"`` decides once per shape of batch and set of query steps: on where the
+        estimated memory of the meta-iteration (``second_order_bytes`` and the backward's
+        headroom) exceeds the memory free on the device.
+        """
+        if self.cfg.recompute != "auto":
+            return self.cfg.recompute
+        device = batch.x_support.device
+        key = (batch.x_support.shape, batch.x_query.shape, batch.x_support.dtype, device, query_steps)
+        if key not in self._auto_recompute:
+            needed = (1 + BACKWARD_HEADROOM) * self.second_order_bytes(batch, query_steps)
+            free = recompute.free_bytes(device)
+            on = self._auto_recompute[key] = free is not None and needed > free
+            # a warning where it switches on: the configuration does not fit, and runs slower
+            log.log(logging.WARNING if on else logging.INFO,
+                    "recompute='auto': a second-order meta-iteration needs about %.2f GiB, %s free on %s: "
+                    "recomputation %s", needed / 2**30, "unknown" if free is None else f"{free / 2**30:.2f} GiB",
+                    device, "on" if on else "off")
+        return self._auto_recompute[key]
+
+    def _query_loss(self, flat, x, y, step):
+        """The query loss after inner step ``step``, mean over tasks, and the logits [B, M, n_way]."""
+        logits = self._logits(flat, x, step, use_running_stats=False)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten()), logits
 
     def _logits(self, flat, x, step, *, use_running_stats, track=True):
         return self.net.forward_tasks(flat, x, step, use_running_stats=use_running_stats,

@@ -63,6 +63,11 @@ class Backbone(nn.Module):
         for layer in self.adapted_layers():
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.running_stats_holds = 0
+
+    def hold_running_stats(self) -> "HeldRunningStats":
+        """A context (reusable) in which forwards leave the running statistics as they are."""
+        return HeldRunningStats(self)
 
     def adapted_layers(self) -> list[nn.Module]:
         return [getattr(self, f"conv{i}") for i in range(self.num_stages)] + [self.head]
@@ -116,6 +121,8 @@ class Backbone(nn.Module):
                          padding=1, groups=tasks)
             gamma, beta, running_mean, running_var = norm.at(step)
             keep_stats = use_running_stats or track_running_stats
+            if track_running_stats and self.running_stats_holds:
+                running_mean, running_var = running_mean.clone(), running_var.clone()
             x = ops.task_batch_norm(
                 x, gamma, beta,
                 running_mean if keep_stats else None, running_var if keep_stats else None,
@@ -128,6 +135,23 @@ class Backbone(nn.Module):
         features = x.reshape(x.shape[0], tasks, -1).transpose(0, 1)
         # [B, M, D] @ [B, D, n_way] + [B, 1, n_way]
         return torch.baddbmm(head_bias.unsqueeze(1), features, head_weight.transpose(1, 2))
+
+
+class HeldRunningStats:
+    """While entered, batch norm moves copies of a backbone's running statistics, not them.
+
+    The forward runs the same operations as outside, so a forward recomputed for the backward
+    pass gives the same values, but it does not move the statistics a second time.
+    """
+
+    def __init__(self, net: Backbone):
+        self.net = net
+
+    def __enter__(self) -> None:
+        self.net.running_stats_holds += 1
+
+    def __exit__(self, *exc_info) -> None:
+        self.net.running_stats_holds -= 1
 
 
 class InnerLearningRates(nn.Module):
