@@ -1,6 +1,5 @@
-// Registers mamlfast's CUDA kernels as PyTorch operators (namespace mamlfast), so that
-// torch.library.opcheck can check them and other tools see them. The module mamlfast._C
-// exists only to load this library.
+// The CUDA kernels' tensor checks and their registration as the CUDA implementations of the
+// mamlfast operators (whose schemas are in library.cpp).
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -133,23 +132,8 @@ at::Tensor segment_dot_cuda(const at::Tensor& x, const at::Tensor& y, const at::
   return out.to(x.scalar_type());
 }
 
-void refuse_cpu(const c10::OperatorHandle& op, torch::jit::Stack*) {
-  TORCH_CHECK(false, op.schema().name(), " runs on CUDA tensors only, got CPU tensors "
-              "(on the CPU, use backend='torch')");
-}
-
 }  // namespace
 }  // namespace mamlfast
-
-TORCH_LIBRARY(mamlfast, m) {
-  m.def("batch_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("batch_norm_double_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
-        "Tensor gg_x, Tensor gg_weight, Tensor gg_bias) -> (Tensor, Tensor, Tensor)");
-  m.def("segment_axpy(Tensor x, Tensor s, Tensor segment, Tensor? base) -> Tensor");
-  m.def("segment_dot(Tensor x, Tensor y, Tensor segment, int segments) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(mamlfast, CUDA, m) {
   m.impl("batch_norm_forward", &mamlfast::batch_norm_forward_cuda);
@@ -157,14 +141,4 @@ TORCH_LIBRARY_IMPL(mamlfast, CUDA, m) {
   m.impl("batch_norm_double_backward", &mamlfast::batch_norm_double_backward_cuda);
   m.impl("segment_axpy", &mamlfast::segment_axpy_cuda);
   m.impl("segment_dot", &mamlfast::segment_dot_cuda);
-}
-
-TORCH_LIBRARY_IMPL(mamlfast, CPU, m) {
-  for (const char* name : {"batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward",
-                           "segment_axpy", "segment_dot"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mamlfast::refuse_cpu>());
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "mamlfast's CUDA kernels, registered as torch.ops.mamlfast.*";
 }
