@@ -1,4 +1,8 @@
-"""The CUDA extension's LSLR kernels (csrc/lslr.cu), with the Triton module's interface."""
+"""The compiled extension's LSLR kernels, with the Triton module's interface.
+
+The operators ``torch.ops.mamlfast.*`` run csrc/lslr_cpu.cpp on CPU tensors (backend ``cpp``)
+and csrc/lslr.cu on CUDA tensors (backend ``cuda``): the dispatcher picks by device.
+"""
 
 from __future__ import annotations
 
