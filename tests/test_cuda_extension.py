@@ -1,6 +1,7 @@
-"""The compiled extension: it is built where CI expects it, refuses CPU tensors clearly, and its
-operators pass torch.library.opcheck on a GPU. Its numerics are tested with the Triton
-backend's in test_fused_backends.py."""
+"""The compiled extension mamlfast._C: it is built where CI expects it, its operators pass
+torch.library.opcheck on each device whose kernels it holds, the CPU kernels are bitwise
+reproducible for any number of threads, and bad arguments get one-line errors. Its numerics are
+tested with the other fused backends' in test_fused_backends.py."""
 
 import os
 
@@ -12,6 +13,7 @@ from mamlfast import ops
 from mamlfast.ops.cuda_extension import load_error
 
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward", "segment_axpy", "segment_dot")
 
 
 @pytest.fixture
@@ -24,46 +26,114 @@ def extension():
 
 def test_extension_loads_and_registers_its_operators(extension):
     import mamlfast._C  # noqa: F401
-    for name in ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward",
-                 "segment_axpy", "segment_dot"):
+    for name in OPERATORS:
         assert hasattr(torch.ops.mamlfast, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlfast::{name}", "CPU")
 
 
-def test_cpu_tensors_get_a_clear_error(extension):
+def test_each_backend_says_why_it_cannot_run(extension):
     x, weight, bias = torch.randn(2, 4, 3, 3), torch.ones(2), torch.zeros(2)
-    with pytest.raises(RuntimeError, match="batch_norm_forward runs on CUDA tensors only"):
-        torch.ops.mamlfast.batch_norm_forward(x, weight, bias, 1e-5)
-    with pytest.raises(RuntimeError, match="segment_axpy runs on CUDA tensors only"):
-        torch.ops.mamlfast.segment_axpy(torch.ones(2, 3), torch.ones(1), torch.zeros(3, dtype=torch.long), None)
-    with pytest.raises(ops.BackendUnavailable, match="the CUDA extension needs CUDA tensors, got cpu"):
+    with pytest.raises(ops.BackendUnavailable, match="(needs CUDA tensors, got cpu|built without its CUDA kernels)"):
         ops.task_batch_norm(x, weight, bias, backend="cuda")
+    assert "got cuda ones" in ops.availability(torch.device("cuda"))["cpp"]
 
 
 def test_unbuilt_extension_is_named_as_the_reason():
-    reason = ops.availability(torch.device("cuda"))["cuda"]
     if load_error():
-        assert reason == load_error() and "CUDA extension" in reason
+        for backend in ("cpp", "cuda"):
+            assert ops.availability(torch.device("cpu"))[backend] == load_error()
 
 
-@gpu
-def test_operators_pass_opcheck(extension):
+def _samples(device):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 6, 4, 4, generator=g).cuda()
-    weight, bias = torch.rand(3, generator=g).cuda() + 0.5, torch.randn(3, generator=g).cuda()
+    x = torch.randn(5, 6, 4, 4, generator=g).to(device)
+    weight, bias = (torch.rand(3, generator=g) + 0.5).to(device), torch.randn(3, generator=g).to(device)
     _, mean, _, rstd = torch.ops.mamlfast.batch_norm_forward(x, weight, bias, 1e-5)
-    segment = ops.segment_ids_for([3, 5]).cuda()
-    flat, other = torch.randn(2, 8, generator=g).cuda(), torch.randn(2, 8, generator=g).cuda()
-    samples = {
+    segment = ops.segment_ids_for([3, 5]).to(device)
+    flat, other = torch.randn(2, 8, generator=g).to(device), torch.randn(2, 8, generator=g).to(device)
+    return {
         "batch_norm_forward": (x, weight, bias, 1e-5),
         "batch_norm_backward": (torch.randn_like(x), x, weight, mean, rstd),
         "batch_norm_double_backward": (torch.randn_like(x), x, weight, mean, rstd, torch.randn_like(x),
                                        torch.randn_like(weight), torch.randn_like(bias)),
-        "segment_axpy": (flat, torch.randn(2).cuda(), segment, other),
+        "segment_axpy": (flat, torch.randn(2).to(device), segment, other),
         "segment_dot": (flat, other, segment, 2),
     }
-    for name, args in samples.items():
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_operators_pass_opcheck(extension, device):
+    backend = "cpp" if device == "cpu" else "cuda"
+    if ops.availability(torch.device(device))[backend]:
+        pytest.skip(ops.availability(torch.device(device))[backend])
+    for name, args in _samples(device).items():
         torch.library.opcheck(getattr(torch.ops.mamlfast, name).default, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.fixture
+def cpu_kernels(extension):
+    if ops.availability(torch.device("cpu"))["cpp"]:
+        pytest.skip(ops.availability(torch.device("cpu"))["cpp"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernels_are_bitwise_reproducible_for_any_number_of_threads(cpu_kernels, dtype):
+    """Each group's and each segment's sums are added in an order fixed by the shape: sizes here
+    split the work differently for 1, 2 and 3 threads (32 groups of 4374 values; 3 chunks of columns)."""
+    g = torch.Generator().manual_seed(0)
+    x, dy, ggx = (torch.randn(6, 32, 27, 27, generator=g, dtype=dtype) * 2 + 1 for _ in range(3))
+    weight, bias = torch.rand(4, generator=g, dtype=dtype) + 0.5, torch.randn(4, generator=g, dtype=dtype)
+    segment = ops.segment_ids_for([700, 1, 3000, 1299])
+    flat, other = (torch.randn(3, 5000, generator=g, dtype=dtype) for _ in range(2))
+
+    def run():
+        y, mean, var, rstd = torch.ops.mamlfast.batch_norm_forward(x, weight, bias, 1e-5)
+        return [y, mean, var, rstd, *torch.ops.mamlfast.batch_norm_backward(dy, x, weight, mean, rstd),
+                *torch.ops.mamlfast.batch_norm_double_backward(dy, x, weight, mean, rstd, ggx, weight, bias),
+                torch.ops.mamlfast.segment_axpy(flat, weight, segment, other),
+                torch.ops.mamlfast.segment_dot(flat, other, segment, 4)]
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other_run in results[1:]:
+        for expected, actual in zip(results[0], other_run):
+            assert torch.equal(expected, actual)
+
+
+def test_cpu_kernels_reject_bad_arguments_in_one_line(cpu_kernels):
+    x, weight, bias = torch.randn(2, 4, 3, 3), torch.ones(2), torch.zeros(2)
+    _, mean, _, rstd = torch.ops.mamlfast.batch_norm_forward(x, weight, bias, 1e-5)
+    segment = torch.tensor([0, 0, 1])
+    cases = [
+        (lambda: torch.ops.mamlfast.batch_norm_forward(x.half(), weight.half(), bias.half(), 1e-5),
+         "take float32 or float64, got Half"),
+        (lambda: torch.ops.mamlfast.batch_norm_forward(x, torch.ones(3), torch.zeros(3), 1e-5),
+         r"weight must be \[C\] with C dividing x.size\(1\)=4"),
+        (lambda: torch.ops.mamlfast.batch_norm_forward(x, weight.double(), bias.double(), 1e-5),
+         "weight must be Float, got Double"),
+        (lambda: torch.ops.mamlfast.batch_norm_backward(x[:1], x, weight, mean, rstd),
+         r"grad_out must be \[2, 4, 3, 3\]"),
+        (lambda: torch.ops.mamlfast.batch_norm_backward(x, x, weight, mean[:2], rstd), r"mean must be \[4\]"),
+        (lambda: torch.ops.mamlfast.batch_norm_forward(x.transpose(2, 3), weight, bias, 1e-5),
+         "x must be contiguous"),
+        (lambda: torch.ops.mamlfast.segment_axpy(torch.ones(2, 3), torch.ones(1), segment, None),
+         r"segment ids must lie in \[0, 1\), got 1"),
+        (lambda: torch.ops.mamlfast.segment_dot(torch.ones(2, 3), torch.ones(2, 3), segment.int(), 2),
+         "segment must be Long, got Int"),
+        (lambda: torch.ops.mamlfast.segment_dot(torch.ones(2, 3), torch.ones(2, 3), -segment, 2),
+         r"segment ids must lie in \[0, 2\), got -1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value).strip(), str(error.value)
 
 
 @gpu
