@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import __version__, checkpoints, distributed, ops
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
 from .data import DATASETS, load_dataset
+from .data.download import default_omniglot_root, download_omniglot
 from .train import FixedTasks, Trainer, TrainingInterrupted, eval_chunk, mean_and_ci95
 
 DEFAULT_PRESET = "omniglot-5w1s"
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the paper's configuration (default {DEFAULT_PRESET}; on --resume, the checkpoint's)")
     train.add_argument("--variant", choices=VARIANTS, default=None, help="maml++ (default), maml or fomaml")
     train.add_argument("--dataset", choices=DATASETS, default=None, help="default: synthetic (built in)")
-    train.add_argument("--data-root", default=None, help="folder of the omniglot or mini-imagenet data")
+    train.add_argument("--data-root", default=None,
+                       help="folder of the omniglot or mini-imagenet data (omniglot default: ~/.cache/mamlfast/omniglot)")
+    train.add_argument("--download", action="store_true",
+                       help="fetch Omniglot's two zips into --data-root first, checking their MD5 sums")
     train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<preset>-<variant>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
@@ -117,6 +121,10 @@ def run_train(args) -> int:
     ranks = distributed.from_environment(cfg.meta_batch_size, args.dist_timeout)
     device = _device(args.device, ranks)
     progress = not args.no_progress and ranks.is_main
+    if dataset_name == "omniglot" and data_root is None:
+        data_root = default_omniglot_root()
+    if args.download:
+        _download(dataset_name, data_root, ranks, progress)
     dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress))
     trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, keep=args.keep,
                       log_every=args.log_every, progress=progress, ranks=ranks)
@@ -133,6 +141,15 @@ def run_train(args) -> int:
         f"(best model, epoch {summary['best_epoch']}); ensemble of {summary['ensemble_size']}: "
         f"{100 * summary['ensemble_test_accuracy']:.2f}% +- {100 * summary['ensemble_test_ci95']:.2f}")
     return 0
+
+
+def _download(dataset_name: str, data_root, ranks: distributed.Ranks, progress: bool) -> None:
+    """Fetch Omniglot once, on the first rank, before any rank reads it."""
+    if dataset_name != "omniglot":
+        raise ValueError(f"--download fetches Omniglot only (--dataset omniglot), not {dataset_name}")
+    if ranks.is_main:
+        download_omniglot(data_root, progress)
+    ranks.barrier()
 
 
 def run_eval(args) -> int:
@@ -191,7 +208,7 @@ def run_info(_args) -> int:
         print(f"CUDA: no device visible (torch built for CUDA {torch.version.cuda})" if torch.version.cuda
               else "CUDA: torch is a CPU build")
     from .ops.cuda_extension import load_error
-    print(f"CUDA extension: {load_error() or 'built, mamlfast._C loaded'}")
+    print(load_error() or "the CUDA extension is built and loaded (mamlfast._C)")
     for device in devices:
         print(f"backends on {device}: auto -> {ops.resolve('auto', device)}")
         for name, reason in ops.availability(device).items():

@@ -112,7 +112,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
 
 
 def _mamlfast(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), MAMLFAST_CACHE=str(cwd / "cache"))
     return subprocess.run([sys.executable, "-m", "mamlfast", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -150,7 +150,8 @@ def test_command_line_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--dataset", "omniglot", "--data-root", "nowhere"], "Omniglot root nowhere does not exist"),
-    (["train", "--dataset", "omniglot"], "needs a data root"),
+    (["train", "--dataset", "omniglot"], "--download fetches the two zips there"),
+    (["train", "--download"], "--download fetches Omniglot only (--dataset omniglot), not synthetic"),
     (["train", "--n-way", "1"], "MAMLConfig.n_way=1: must be at least 2"),
     (["train", "--k-shot", "15", "--k-query", "10"], "fewer than k_shot + k_query = 15 + 10"),
     (["train", "--n-way", "150"], "the val split has 100 classes, fewer than n_way=150"),

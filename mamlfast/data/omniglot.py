@@ -18,13 +18,14 @@ from .images import ClassImages, DatasetError, ImageSource, cached, decode_class
 PARTS = ("images_background", "images_evaluation")
 SPLIT_CLASSES = {"train": 1150, "val": 50, "test": 423}
 SPLIT_SEED = 0
+FETCH_HINT = "mamlfast train --download fetches the two zips there"
 
 
 def load_omniglot(root: str | Path, image_size: int = 28, progress=iter) -> dict[str, ClassImages]:
     """The train/val/test splits of the Omniglot at ``root``."""
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"Omniglot root {root} does not exist or is not a folder")
+        raise DatasetError(f"Omniglot root {root} does not exist or is not a folder ({FETCH_HINT})")
     sources = [_part_source(root, part) for part in PARTS]
     classes = [c for source in sources for c in _list_classes(source)]
     if not classes:
@@ -50,7 +51,7 @@ def _part_source(root: Path, part: str) -> Path:
     for candidate in (root / part, root / f"{part}.zip"):
         if candidate.exists():
             return candidate
-    raise DatasetError(f"Omniglot root {root} holds neither {part}/ nor {part}.zip")
+    raise DatasetError(f"Omniglot root {root} holds neither {part}/ nor {part}.zip ({FETCH_HINT})")
 
 
 def _list_classes(source: Path) -> list[tuple[str, list[ImageSource]]]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
+
+BUILD_RECORD = Path(__file__).parent.parent / "_build.json"
 
 
 @functools.cache
@@ -13,12 +17,30 @@ def load_error() -> str | None:
     try:
         from .. import _C  # noqa: F401
     except ImportError as error:
-        if "No module named" in str(error):
-            return ("the CUDA extension is not built (mamlfast._C is missing: reinstall mamlfast where "
-                    "a CUDA toolkit and a CUDA build of torch are present)")
-        return f"the CUDA extension did not load, likely built for another torch ({error})"
+        return _why_not_loaded(error, build_record())
     _register_fakes()
     return None
+
+
+def build_record() -> dict | None:
+    """What setup.py recorded about the extension when mamlfast was installed (None: no record)."""
+    try:
+        return json.loads(BUILD_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _why_not_loaded(error: ImportError, record: dict | None) -> str:
+    reinstall = "reinstall mamlfast with pip install --no-build-isolation -e . from its source folder"
+    if record is None:
+        return f"the CUDA extension is not built (mamlfast was installed without a build record): {reinstall}"
+    if record.get("extension") is None:
+        return f"the CUDA extension is not built: {record.get('reason')}"
+    if record.get("torch") != torch.__version__:
+        return f"the CUDA extension was built for torch {record.get('torch')}, running torch {torch.__version__}: {reinstall}"
+    if "No module named" in str(error):
+        return f"the CUDA extension's build did not complete (mamlfast._C is missing): {reinstall}"
+    return f"the CUDA extension did not load ({error})"
 
 
 def require() -> None:

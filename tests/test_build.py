@@ -1,0 +1,78 @@
+"""The build's choice of CUDA toolkit (setup.py), and what the package says when the extension is missing."""
+
+import runpy
+import stat
+from pathlib import Path
+
+import pytest
+
+from mamlfast.ops import cuda_extension
+
+SETUP = runpy.run_path(str(Path(__file__).parent.parent / "setup.py"), run_name="setup_under_test")
+find_cuda_toolkit = SETUP["find_cuda_toolkit"]
+
+
+def _executable(path: Path, script: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _toolkit(folder: Path) -> Path:
+    """A folder that looks like a CUDA toolkit: the runtime header and an nvcc."""
+    (folder / "include").mkdir(parents=True)
+    (folder / "include" / "cuda_runtime_api.h").write_text("")
+    _executable(folder / "bin" / "nvcc", "exit 0\n")
+    return folder
+
+
+def test_a_wrapper_nvcc_leads_to_the_toolkit_it_runs(tmp_path):
+    toolkit = _toolkit(tmp_path / "cuda-13.0")
+    # like /usr/local/bin/nvcc that execs the real one: the folder above it holds no CUDA headers
+    _executable(tmp_path / "wrapper" / "bin" / "nvcc", f"echo '#$ TOP={toolkit}/bin/..' >&2\n")
+    found, how = find_cuda_toolkit({"PATH": str(tmp_path / "wrapper" / "bin")}, conventional=tmp_path / "none")
+    assert found == toolkit.resolve() and "reported by" in how
+
+
+def test_the_folder_above_nvcc_is_taken_when_it_is_a_toolkit(tmp_path):
+    toolkit = _toolkit(tmp_path / "cuda")
+    found, how = find_cuda_toolkit({"PATH": str(toolkit / "bin")}, conventional=tmp_path / "none")
+    assert found == toolkit and "the folder above" in how
+
+
+def test_a_cuda_home_without_headers_is_refused_with_the_reason(tmp_path):
+    _toolkit(tmp_path / "real")
+    (tmp_path / "empty").mkdir()
+    found, why = find_cuda_toolkit({"CUDA_HOME": str(tmp_path / "empty"), "PATH": str(tmp_path / "real" / "bin")},
+                                   conventional=tmp_path / "real")
+    assert found is None and why == f"CUDA_HOME is set, but {tmp_path / 'empty'} has no include/cuda_runtime_api.h"
+
+
+def test_no_toolkit_at_all(tmp_path):
+    found, why = find_cuda_toolkit({"PATH": str(tmp_path)}, conventional=tmp_path / "none")
+    assert found is None and "nvcc not on PATH" in why and str(tmp_path / "none") in why
+
+
+def test_the_conventional_folder_is_the_last_resort(tmp_path):
+    toolkit = _toolkit(tmp_path / "usr-local-cuda")
+    found, how = find_cuda_toolkit({"PATH": str(tmp_path / "nothing")}, conventional=toolkit)
+    assert found == toolkit and how == "the conventional location"
+
+
+@pytest.mark.parametrize("record, error, expected", [
+    (dict(extension=None, reason="torch 2.13.0 is a CPU build", torch="2.13.0"), "No module named 'mamlfast._C'",
+     "the CUDA extension is not built: torch 2.13.0 is a CPU build"),
+    (dict(extension="cuda", torch="0.0.1"), "undefined symbol: _ZN3c10", "built for torch 0.0.1, running torch"),
+    (None, "No module named 'mamlfast._C'", "installed without a build record"),
+])
+def test_a_missing_extension_is_explained_by_the_build_record(record, error, expected):
+    message = cuda_extension._why_not_loaded(ImportError(error), record)
+    assert expected in message and "likely" not in message
+
+
+def test_an_incomplete_build_of_this_torch_is_named():
+    import torch
+    record = dict(extension="cuda", torch=torch.__version__)
+    assert "build did not complete" in cuda_extension._why_not_loaded(ImportError("No module named x"), record)
+    assert "did not load (undefined symbol" in cuda_extension._why_not_loaded(ImportError("undefined symbol"), record)
