@@ -44,7 +44,7 @@ struct Groups {
   }
 };
 
-// The loops below read and write rows through __restrict__ pointers, which tells the compiler
+// The loops below read and write rows through __restrict pointers, which tells the compiler
 // that outputs do not overlap inputs, so that it vectorises them without runtime checks.
 
 template <typename T, typename A = at::opmath_type<T>>
@@ -54,7 +54,7 @@ void forward_kernel(const Groups& s, const T* x, const T* weight, const T* bias,
     const A shift = x[g * s.pixels];  // the group's first value
     LaneSums<A, 2> sums;
     s.for_each_row(g, [&](int64_t row) {
-      const T* __restrict__ x_row = x + row;
+      const T* __restrict x_row = x + row;
       sums.add(s.pixels, [=](int64_t i) {
         const A v = A(x_row[i]) - shift;
         return std::array<A, 2>{v, v * v};
@@ -64,8 +64,8 @@ void forward_kernel(const Groups& s, const T* x, const T* weight, const T* bias,
     const GroupStatistics<A> stats = group_statistics(sum, squares, shift, s.values(), eps);
     const ForwardMap<A> map = forward_map(stats, A(weight[g % s.channels]), A(bias[g % s.channels]));
     s.for_each_row(g, [&](int64_t row) {
-      const T* __restrict__ x_row = x + row;
-      T* __restrict__ y_row = y + row;
+      const T* __restrict x_row = x + row;
+      T* __restrict y_row = y + row;
       for (int64_t i = 0; i < s.pixels; ++i) y_row[i] = T(map(A(x_row[i])));
     });
     mean_out[g] = stats.mean;
@@ -81,8 +81,8 @@ void backward_kernel(const Groups& s, const T* grad_out, const T* x, const T* we
     const A mean = mean_in[g], rstd = rstd_in[g];
     LaneSums<A, 2> sums;
     s.for_each_row(g, [&](int64_t row) {
-      const T* __restrict__ x_row = x + row;
-      const T* __restrict__ dy_row = grad_out + row;
+      const T* __restrict x_row = x + row;
+      const T* __restrict dy_row = grad_out + row;
       sums.add(s.pixels, [=](int64_t i) {
         const A dy = dy_row[i];
         return std::array<A, 2>{dy, dy * normalised(A(x_row[i]), mean, rstd)};
@@ -91,9 +91,9 @@ void backward_kernel(const Groups& s, const T* grad_out, const T* x, const T* we
     const auto [sum_dy, sum_dy_xh] = sums.total();
     const BackwardMap<A> map = backward_map(A(weight[g % s.channels]), rstd, sum_dy, sum_dy_xh, s.values());
     s.for_each_row(g, [&](int64_t row) {
-      const T* __restrict__ x_row = x + row;
-      const T* __restrict__ dy_row = grad_out + row;
-      T* __restrict__ dx_row = grad_x + row;
+      const T* __restrict x_row = x + row;
+      const T* __restrict dy_row = grad_out + row;
+      T* __restrict dx_row = grad_x + row;
       for (int64_t i = 0; i < s.pixels; ++i) dx_row[i] = T(map(normalised(A(x_row[i]), mean, rstd), A(dy_row[i])));
     });
     grad_weight[g] = sum_dy_xh;
@@ -110,9 +110,9 @@ void double_backward_kernel(const Groups& s, const T* grad_out, const T* x, cons
     const A mean = mean_in[g], rstd = rstd_in[g];
     LaneSums<A, 5> sums;
     s.for_each_row(g, [&](int64_t row) {
-      const T* __restrict__ x_row = x + row;
-      const T* __restrict__ dy_row = grad_out + row;
-      const T* __restrict__ ggx_row = gg_x + row;
+      const T* __restrict x_row = x + row;
+      const T* __restrict dy_row = grad_out + row;
+      const T* __restrict ggx_row = gg_x + row;
       sums.add(s.pixels, [=](int64_t i) {
         const A xh = normalised(A(x_row[i]), mean, rstd), dy = dy_row[i], ggx = ggx_row[i];
         return std::array<A, 5>{dy, dy * xh, ggx, ggx * xh, ggx * dy};
@@ -123,11 +123,11 @@ void double_backward_kernel(const Groups& s, const T* grad_out, const T* x, cons
                                                             DoubleBackwardSums<A>{dy, dy_xh, ggx, ggx_xh, ggx_dy},
                                                             s.values());
     s.for_each_row(g, [&](int64_t row) {
-      const T* __restrict__ x_row = x + row;
-      const T* __restrict__ dy_row = grad_out + row;
-      const T* __restrict__ ggx_row = gg_x + row;
-      T* __restrict__ g_dy_row = grad_grad_out + row;
-      T* __restrict__ g_x_row = grad_x + row;
+      const T* __restrict x_row = x + row;
+      const T* __restrict dy_row = grad_out + row;
+      const T* __restrict ggx_row = gg_x + row;
+      T* __restrict g_dy_row = grad_grad_out + row;
+      T* __restrict g_x_row = grad_x + row;
       for (int64_t i = 0; i < s.pixels; ++i) {
         const A xh = normalised(A(x_row[i]), mean, rstd);
         g_dy_row[i] = T(maps.grad_dy(xh, A(ggx_row[i])));

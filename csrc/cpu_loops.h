@@ -29,7 +29,7 @@ template <typename A, int K>
 struct LaneSums {
   A lanes[K][kLanes<A>] = {};
 
-  // Adds terms(i) (K values) for i in [0, count). Terms should read through __restrict__
+  // Adds terms(i) (K values) for i in [0, count). Terms should read through __restrict
   // pointers captured by value: the compiler then keeps the lanes in vector registers.
   template <typename Terms>
   void add(int64_t count, Terms terms) {

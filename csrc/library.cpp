@@ -3,7 +3,7 @@
 // torch.ops.mamlfast.* pick the kernel by the tensors' device and torch.library.opcheck can
 // check them. The module mamlfast._C exists only to load this library.
 
-#include <torch/extension.h>
+#include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(mamlfast, m) {
@@ -16,6 +16,9 @@ TORCH_LIBRARY(mamlfast, m) {
   m.def("segment_dot(Tensor x, Tensor y, Tensor segment, int segments) -> Tensor");
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "mamlfast's compiled kernels, registered as torch.ops.mamlfast.*";
+// An empty module: importing it loads the library, whose static initialisers register the operators.
+PyMODINIT_FUNC PyInit__C() {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mamlfast's compiled kernels, as torch.ops.mamlfast.*",
+                               -1, nullptr};
+  return PyModule_Create(&module);
 }

@@ -44,12 +44,12 @@ void segment_axpy_kernel(int64_t rows, int64_t columns, const T* x, const T* s, 
       }
       for (int64_t row = 0; row < rows; ++row) {
         const int64_t offset = row * columns + first;
-        const T* __restrict__ x_row = x + offset;
-        T* __restrict__ out_row = out + offset;
+        const T* __restrict x_row = x + offset;
+        T* __restrict out_row = out + offset;
         if (base == nullptr) {
           for (int64_t j = 0; j < width; ++j) out_row[j] = T(scale[j] * A(x_row[j]));
         } else {
-          const T* __restrict__ base_row = base + offset;
+          const T* __restrict base_row = base + offset;
           for (int64_t j = 0; j < width; ++j) out_row[j] = T(A(base_row[j]) + scale[j] * A(x_row[j]));
         }
       }
@@ -76,8 +76,8 @@ void segment_dot_kernel(int64_t rows, int64_t columns, const T* x, const T* y, i
         for (stop = first + 1; stop < last && segment[stop] == id;) ++stop;
         LaneSums<A, 1> sums;
         for (int64_t row = 0; row < rows; ++row) {
-          const T* __restrict__ x_run = x + row * columns + first;
-          const T* __restrict__ y_run = y + row * columns + first;
+          const T* __restrict x_run = x + row * columns + first;
+          const T* __restrict y_run = y + row * columns + first;
           sums.add(stop - first, [=](int64_t i) { return std::array<A, 1>{A(x_run[i]) * A(y_run[i])}; });
         }
         runs[chunk].push_back({id, sums.total()[0]});

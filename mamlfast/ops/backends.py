@@ -42,28 +42,22 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         if device.type != "cuda" and not interpreting_triton():
             return f"Triton kernels need CUDA tensors, got {device.type} ones (TRITON_INTERPRET=1 runs them on the CPU)"
         return None
-    if backend in ("cpp", "cuda"):
+    if backend == "cpp":
         from .cuda_extension import load_error
         if load_error():
             return load_error()
-        return _extension_reason(backend, device)
-    return f"unknown backend {backend!r}; choose one of auto, {', '.join(OP_BACKENDS)}"
-
-
-def _extension_reason(backend: str, device: torch.device) -> str | None:
-    """Why the loaded extension cannot run ``backend`` on ``device``: ``cpp`` is its CPU kernels,
-    ``cuda`` its CUDA kernels, which a build without a usable CUDA toolkit leaves out."""
-    if backend == "cpp":
         if device.type != "cpu":
             return (f"the cpp backend runs the extension's CPU kernels on CPU tensors, got {device.type} ones "
                     "(backend='cuda' runs its CUDA kernels)")
         return None
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("mamlfast::batch_norm_forward", "CUDA"):
-        return ("mamlfast._C was built without its CUDA kernels (no usable CUDA toolkit or a CPU build of torch "
-                "when it was installed)")
-    if device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got {device.type} ones (backend='cpp' runs the CPU kernels)"
-    return None
+    if backend == "cuda":
+        from .cuda_extension import cuda_kernels_error
+        if cuda_kernels_error():
+            return cuda_kernels_error()
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type} ones (backend='cpp' runs the CPU kernels)"
+        return None
+    return f"unknown backend {backend!r}; choose one of auto, {', '.join(OP_BACKENDS)}"
 
 
 def resolve(backend: str, device: torch.device) -> str:
