@@ -1,12 +1,13 @@
-"""Build of mamlfast: the Python package, and the CUDA extension mamlfast._C where it can be built.
+"""Build of mamlfast: the Python package, and the compiled extension mamlfast._C where it can be built.
 
-The extension is built when torch is a CUDA build and a usable CUDA toolkit is found (see
-``find_cuda_toolkit``); otherwise the pure-Python package is installed and one line says why.
-``FORCE_CUDA=1`` makes a missing toolkit an error; ``MAMLFAST_NO_CUDA=1`` skips the extension.
-Architectures: sm_80 and sm_90 plus PTX, unless TORCH_CUDA_ARCH_LIST says otherwise. torch is
-never installed or replaced: build with ``pip install --no-build-isolation`` against the torch
-already present. The outcome is recorded in ``mamlfast/_build.json``, so that ``mamlfast info``
-and ``backend="cuda"`` can say why the extension is missing.
+The extension holds the hot ops' CPU kernels, built wherever torch and a C++ compiler are, and
+their CUDA kernels, added when torch is a CUDA build and a usable CUDA toolkit is found (see
+``find_cuda_toolkit``). Without a compiler the pure-Python package is installed and one line
+says why. ``FORCE_CUDA=1`` makes a missing toolkit an error; ``MAMLFAST_NO_CUDA=1`` leaves the
+CUDA kernels out. Architectures: sm_80 and sm_90 plus PTX, unless TORCH_CUDA_ARCH_LIST says
+otherwise. torch is never installed or replaced: build with ``pip install --no-build-isolation``
+against the torch already present. The outcome is recorded in ``mamlfast/_build.json``, so that
+``mamlfast info`` and the backends ``cpp`` and ``cuda`` can say why they are missing.
 """
 
 from __future__ import annotations
@@ -21,14 +22,28 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-SOURCES = (ROOT / "csrc" / "sources.txt").read_text().split()  # the one list, shared with CMakeLists.txt
 BUILD_RECORD = ROOT / "mamlfast" / "_build.json"
 CONVENTIONAL_TOOLKIT = Path("/usr/local/cuda")
 REINSTALL = "then reinstall mamlfast with pip install --no-build-isolation -e ."
+CXX_FLAGS = ["/O2"] if os.name == "nt" else ["-O3"]
 
 
 def say(message: str) -> None:
     print(f"mamlfast: {message}", flush=True)
+
+
+def read_sources(path: Path = ROOT / "csrc" / "sources.txt") -> tuple[list[str], list[str]]:
+    """(sources of every build, sources added where CUDA is built): the one list, shared with CMakeLists.txt."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    return ([line for line in lines if not line.startswith("cuda:")],
+            [line.removeprefix("cuda:").strip() for line in lines if line.startswith("cuda:")])
+
+
+def cxx_compiler(environ=os.environ) -> str | None:
+    """The C++ compiler torch's extension build runs (CXX, else the platform's default), if installed."""
+    command = environ.get("CXX") or ("cl" if os.name == "nt" else "c++")
+    return shutil.which(command.split()[0], path=environ.get("PATH", ""))
 
 
 def toolkit_problem(folder: Path) -> str | None:
@@ -88,12 +103,10 @@ def toolkit_version(folder: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def extension_plan(torch) -> tuple[Path | None, str]:
-    """(toolkit, how it was found) to build the extension with, or (None, why it is not built)."""
+def cuda_plan(torch) -> tuple[Path | None, str]:
+    """(toolkit, how it was found) to build the CUDA kernels with, or (None, why they are not built)."""
     if os.environ.get("MAMLFAST_NO_CUDA") == "1":
         return None, "MAMLFAST_NO_CUDA=1 was set"
-    if torch is None:
-        return None, "torch was not installed when mamlfast was built (install torch first)"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU build (install a CUDA build of torch, {REINSTALL})"
     toolkit, how = find_cuda_toolkit()
@@ -114,36 +127,53 @@ def write_build_record(record: dict) -> None:
     os.replace(temporary, BUILD_RECORD)
 
 
-def cuda_extension_build():
-    """(ext_modules, cmdclass) for the CUDA extension, or empty ones with the reason said and recorded."""
+def skip_extension(reason: str, torch_version: str | None):
+    """No extension: say and record why, and remove an earlier in-place build that must not load instead."""
+    if os.environ.get("FORCE_CUDA") == "1":
+        raise SystemExit(f"mamlfast: FORCE_CUDA=1, but the extension cannot be built: {reason}")
+    say(f"not building the extension mamlfast._C (backends 'cpp' and 'cuda' will be unavailable): {reason}")
+    write_build_record(dict(extension=None, reason=reason, torch=torch_version))
+    for stale in (ROOT / "mamlfast").glob("_C.*"):
+        stale.unlink()
+    return [], {}
+
+
+def extension_build():
+    """(ext_modules, cmdclass) for the extension, CPU kernels with or without the CUDA ones, or empty
+    ones; the decision is said and recorded."""
     try:
         import torch
     except ImportError:
-        torch = None
-    torch_version = torch.__version__ if torch else None
-    toolkit, how = extension_plan(torch)
+        return skip_extension("torch was not installed when mamlfast was built (install torch first, "
+                              f"{REINSTALL})", None)
+    if cxx_compiler() is None:
+        return skip_extension(f"no C++ compiler found (install one, e.g. g++, or set CXX; {REINSTALL})",
+                              torch.__version__)
+    cpu_sources, cuda_sources = read_sources()
+    toolkit, how = cuda_plan(torch)
     if toolkit is None:
         if os.environ.get("FORCE_CUDA") == "1":
-            raise SystemExit(f"mamlfast: FORCE_CUDA=1, but the CUDA extension cannot be built: {how}")
-        say(f"not building the CUDA extension (backend='cuda' will be unavailable): {how}")
-        write_build_record(dict(extension=None, reason=how, torch=torch_version))
-        for stale in (ROOT / "mamlfast").glob("_C.*"):  # an earlier in-place build must not load instead
-            stale.unlink()
-        return [], {}
+            raise SystemExit(f"mamlfast: FORCE_CUDA=1, but the CUDA kernels cannot be built: {how}")
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+        say(f"building the extension's CPU kernels only (backend='cuda' will be unavailable): {how}")
+        write_build_record(dict(extension="cpu", reason=how, torch=torch.__version__))
+        extension = CppExtension("mamlfast._C", sources=cpu_sources, extra_compile_args=CXX_FLAGS)
+        return [extension], {"build_ext": BuildExtension}
     # torch.utils.cpp_extension reads the toolkit from CUDA_HOME when it is first imported
     os.environ["CUDA_HOME"] = str(toolkit)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    say(f"building the CUDA extension for {os.environ['TORCH_CUDA_ARCH_LIST']} with the toolkit at {toolkit} "
-        f"({how})")
-    write_build_record(dict(extension="cuda", toolkit=str(toolkit), torch=torch_version))
+    say(f"building the extension's CPU kernels and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} with the "
+        f"toolkit at {toolkit} ({how})")
+    write_build_record(dict(extension="cuda", toolkit=str(toolkit), torch=torch.__version__))
     extension = CUDAExtension(
-        "mamlfast._C", sources=SOURCES,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]})
+        "mamlfast._C", sources=cpu_sources + cuda_sources,
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]})
     return [extension], {"build_ext": BuildExtension}
 
 
 if __name__ == "__main__":
-    ext_modules, cmdclass = cuda_extension_build()
+    ext_modules, cmdclass = extension_build()
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -147,7 +147,8 @@ meta_step() {  # meta_step PRESET LIMIT
   step "meta_step-$1" "$2" "$py" benchmarks/meta_step.py --preset "$1" --backends "$configurations" "${small[@]}" \
     --json "$out/meta_step-$1.json"
 }
-gpu_tests=(tests/test_cuda_extension.py tests/test_fused_backends.py tests/test_step.py)
+gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_kernel_reductions.py tests/test_op_arguments.py
+  tests/test_recompute.py tests/test_step.py)
 
 step info 30 "$py" -m mamlfast info
 meta_step omniglot-20w1s 150
@@ -158,7 +159,8 @@ meta_step omniglot-5w1s 90
 meta_step mini-imagenet-5w1s 120
 step kernels 120 "$py" benchmarks/kernels.py "${kernels[@]}" --json "$out/kernels.json"
 # The caching allocator would hide out-of-bounds accesses inside its blocks from memcheck.
-op_tests=("$py" -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_extension.py tests/test_fused_backends.py
+op_tests=("$py" -m pytest -q -rfE -p no:cacheprovider tests/test_extension.py tests/test_fused_backends.py
+  tests/test_kernel_reductions.py tests/test_op_arguments.py
   -k "cuda and not learner")
 if [ "$dry" = 1 ]; then
   step sanitizer 240 "${op_tests[@]}" --collect-only

@@ -32,10 +32,11 @@ LSLR_TRAFFIC = {"forward": 3, "backward": 3}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="omniglot-20w1s,mini-imagenet-5w1s")
-    parser.add_argument("--backends", default="torch,triton,cuda")
+    parser.add_argument("--backends", default="torch,cpp,triton,cuda")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
 
@@ -92,6 +93,8 @@ def copy_ms(numel, device, repeats, warmup):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     availability = ops.availability(device)
     backends = [b for b in args.backends.split(",") if availability[b] is None]
@@ -121,7 +124,7 @@ def main(argv=None) -> dict:
                     rows.append(dict(preset=preset, op=op, phase=phase, backend=backend, median_ms=ms,
                                      gb_per_s=bandwidth, fraction_of_copy=bandwidth / copy_bandwidth,
                                      speedup_over_torch=median(times["torch"]) / ms if "torch" in times else None))
-    result = dict(device=device_name(device), **versions(),
+    result = dict(device=device_name(device), **versions(), threads=torch.get_num_threads(),
                   repeats=args.repeats, rows=rows)
     print_table(result)
     if args.json:
@@ -130,7 +133,8 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, median of {result['repeats']}")
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['threads']} CPU threads, "
+          f"median of {result['repeats']}")
     print(f"{'preset':<19} {'op':<34} {'phase':<16} {'backend':<7} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'vs torch':>9}")
     for r in result["rows"]:
         speedup = f"{r['speedup_over_torch']:.2f}x" if r["speedup_over_torch"] else ""

@@ -1,6 +1,5 @@
-// Registers mamlfast's CUDA kernels as PyTorch operators (namespace mamlfast), so that
-// torch.library.opcheck can check them and other tools see them. The module mamlfast._C
-// exists only to load this library.
+// The CUDA kernels' tensor checks and their registration as the CUDA implementations of the
+// mamlfast operators (whose schemas are in library.cpp).
 
 #include <limits>
 
@@ -15,6 +14,7 @@
 namespace mamlfast {
 namespace {
 
+using checks::filled_statistics;
 using checks::statistics_type;
 
 DType dtype_of(const at::Tensor& t) {
@@ -42,11 +42,6 @@ at::Tensor workspace(size_t bytes, const at::Tensor& x) {
 
 void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-// Per-group statistics [B*C], filled with `value` for groups without values (N * H * W == 0).
-at::Tensor statistics(const at::Tensor& x, double value) {
-  return at::full({x.size(1)}, value, x.options().dtype(statistics_type(x)));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(const at::Tensor& x,
                                                                                    const at::Tensor& weight,
                                                                                    const at::Tensor& bias, double eps) {
@@ -54,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x);
   if (shape.samples * shape.pixels == 0) {  // means of no values
-    const auto nan = statistics(x, std::numeric_limits<double>::quiet_NaN());
+    const auto nan = filled_statistics(x, std::numeric_limits<double>::quiet_NaN());
     return {y, nan, nan.clone(), nan.clone()};
   }
   auto stats = at::empty({shape.groups}, x.options().dtype(statistics_type(x)));
@@ -75,7 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(const at
   const GroupShape shape = checks::check_batch_norm_backward(grad_out, x, weight, mean, rstd);
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x);
-  if (shape.samples * shape.pixels == 0) return {grad_x, statistics(x, 0), statistics(x, 0)};  // sums of none
+  if (shape.samples * shape.pixels == 0) {  // sums of none
+    return {grad_x, filled_statistics(x, 0), filled_statistics(x, 0)};
+  }
   auto grad_weight = at::empty_like(mean), grad_bias = at::empty_like(mean);
   const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape), x);
   check_cuda(batch_norm_backward(dtype_of(x), shape, grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(),
@@ -92,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cuda(
       checks::check_batch_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias);
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_grad_out = at::empty_like(x), grad_x = at::empty_like(x);
-  if (shape.samples * shape.pixels == 0) return {grad_grad_out, grad_x, statistics(x, 0)};  // a sum of none
+  if (shape.samples * shape.pixels == 0) return {grad_grad_out, grad_x, filled_statistics(x, 0)};  // a sum of none
   auto grad_weight = at::empty_like(mean);
   const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape), x);
   check_cuda(batch_norm_double_backward(dtype_of(x), shape, grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(),
@@ -127,23 +124,8 @@ at::Tensor segment_dot_cuda(const at::Tensor& x, const at::Tensor& y, const at::
   return out.to(x.scalar_type());
 }
 
-void refuse_cpu(const c10::OperatorHandle& op, torch::jit::Stack*) {
-  TORCH_CHECK(false, op.schema().name(), " runs on CUDA tensors only, got CPU tensors "
-              "(on the CPU, use backend='torch')");
-}
-
 }  // namespace
 }  // namespace mamlfast
-
-TORCH_LIBRARY(mamlfast, m) {
-  m.def("batch_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("batch_norm_double_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
-        "Tensor gg_x, Tensor gg_weight, Tensor gg_bias) -> (Tensor, Tensor, Tensor)");
-  m.def("segment_axpy(Tensor x, Tensor s, Tensor segment, Tensor? base) -> Tensor");
-  m.def("segment_dot(Tensor x, Tensor y, Tensor segment, int segments) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(mamlfast, CUDA, m) {
   m.impl("batch_norm_forward", &mamlfast::batch_norm_forward_cuda);
@@ -151,14 +133,4 @@ TORCH_LIBRARY_IMPL(mamlfast, CUDA, m) {
   m.impl("batch_norm_double_backward", &mamlfast::batch_norm_double_backward_cuda);
   m.impl("segment_axpy", &mamlfast::segment_axpy_cuda);
   m.impl("segment_dot", &mamlfast::segment_dot_cuda);
-}
-
-TORCH_LIBRARY_IMPL(mamlfast, CPU, m) {
-  for (const char* name : {"batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward",
-                           "segment_axpy", "segment_dot"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&mamlfast::refuse_cpu>());
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "mamlfast's CUDA kernels, registered as torch.ops.mamlfast.*";
 }

@@ -12,6 +12,7 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 
 #include "shapes.h"
@@ -25,6 +26,12 @@ inline bool is_floating(at::ScalarType type) {
 // The dtype of per-group statistics and per-segment sums of tensors like x.
 inline at::ScalarType statistics_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Per-group statistics [B*C] of tensors like x, all `value`: what the operators return for
+// groups without values (N * H * W == 0), on every device.
+inline at::Tensor filled_statistics(const at::Tensor& x, double value) {
+  return at::full({x.size(1)}, value, x.options().dtype(statistics_type(x)));
 }
 
 inline void check_memory(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {

@@ -318,8 +318,9 @@ def run_info(_args) -> int:
     else:
         print(f"CUDA: no device visible (torch built for CUDA {torch.version.cuda})" if torch.version.cuda
               else "CUDA: torch is a CPU build")
-    from .ops.cuda_extension import load_error
-    print(load_error() or "the CUDA extension is built and loaded (mamlfast._C)")
+    from .ops.extension import cuda_kernels_error, load_error
+    print(load_error() or "the extension mamlfast._C is loaded: CPU kernels, "
+          + ("CUDA kernels" if cuda_kernels_error() is None else "no CUDA kernels"))
     for device in devices:
         print(f"backends on {device}: auto -> {ops.resolve('auto', device)}")
         for name, reason in ops.availability(device).items():

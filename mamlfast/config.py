@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "loop")
+BACKENDS = ("auto", "torch", "cpp", "triton", "cuda", "loop")
 BN_EVAL_MODES = ("batch", "running")
 VARIANTS = ("maml++", "maml", "fomaml")
 

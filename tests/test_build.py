@@ -1,4 +1,5 @@
-"""The build's choice of CUDA toolkit (setup.py), and what the package says when the extension is missing."""
+"""The build's choice of sources, compiler and CUDA toolkit (setup.py), and what the package says when the
+extension or its CUDA kernels are missing."""
 
 import runpy
 import stat
@@ -6,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mamlfast.ops import cuda_extension
+from mamlfast.ops import extension
 
 SETUP = runpy.run_path(str(Path(__file__).parent.parent / "setup.py"), run_name="setup_under_test")
 find_cuda_toolkit = SETUP["find_cuda_toolkit"]
+ROOT = Path(__file__).parent.parent
 
 
 def _executable(path: Path, script: str) -> Path:
@@ -60,19 +62,61 @@ def test_the_conventional_folder_is_the_last_resort(tmp_path):
     assert found == toolkit and how == "the conventional location"
 
 
+def _includes(source: Path) -> set[str]:
+    """Every header ``source`` includes, following the local ones ("...")."""
+    found = set()
+    for line in source.read_text().splitlines():
+        if line.startswith("#include"):
+            header = line.split()[1]
+            found.add(header)
+            if header.startswith('"'):
+                found |= _includes(source.parent / header.strip('"'))
+    return found
+
+
+def test_every_build_compiles_the_cpu_kernels_and_cuda_adds_its_own():
+    cpu, cuda = SETUP["read_sources"]()
+    assert set(cpu) == {"csrc/library.cpp", "csrc/batch_norm_cpu.cpp", "csrc/lslr_cpu.cpp"}
+    assert set(cuda) == {"csrc/bindings.cpp", "csrc/batch_norm.cu", "csrc/lslr.cu"}
+    assert all((ROOT / source).is_file() for source in cpu + cuda)
+    # a build without a CUDA toolkit compiles the CPU sources: no CUDA header may reach them
+    for source in cpu:
+        assert not [header for header in _includes(ROOT / source) if "cuda" in header.lower()], source
+
+
+def test_the_compiler_is_cxx_where_set(tmp_path):
+    compiler = _executable(tmp_path / "bin" / "my-g++", "exit 0\n")
+    assert SETUP["cxx_compiler"]({"CXX": "my-g++ -pipe", "PATH": str(tmp_path / "bin")}) == str(compiler)
+    assert SETUP["cxx_compiler"]({"PATH": str(tmp_path / "nothing")}) is None
+
+
 @pytest.mark.parametrize("record, error, expected", [
-    (dict(extension=None, reason="torch 2.13.0 is a CPU build", torch="2.13.0"), "No module named 'mamlfast._C'",
-     "the CUDA extension is not built: torch 2.13.0 is a CPU build"),
+    (dict(extension=None, reason="no C++ compiler found", torch="2.13.0"), "No module named 'mamlfast._C'",
+     "the extension mamlfast._C is not built: no C++ compiler found"),
     (dict(extension="cuda", torch="0.0.1"), "undefined symbol: _ZN3c10", "built for torch 0.0.1, running torch"),
     (None, "No module named 'mamlfast._C'", "installed without a build record"),
 ])
 def test_a_missing_extension_is_explained_by_the_build_record(record, error, expected):
-    message = cuda_extension._why_not_loaded(ImportError(error), record)
+    message = extension._why_not_loaded(ImportError(error), record)
     assert expected in message and "likely" not in message
 
 
 def test_an_incomplete_build_of_this_torch_is_named():
     import torch
     record = dict(extension="cuda", torch=torch.__version__)
-    assert "build did not complete" in cuda_extension._why_not_loaded(ImportError("No module named x"), record)
-    assert "did not load (undefined symbol" in cuda_extension._why_not_loaded(ImportError("undefined symbol"), record)
+    assert "build did not complete" in extension._why_not_loaded(ImportError("No module named x"), record)
+    assert "did not load (undefined symbol" in extension._why_not_loaded(ImportError("undefined symbol"), record)
+
+
+def test_missing_cuda_kernels_are_explained_by_the_build_record(monkeypatch):
+    import torch
+
+    from mamlfast import ops
+    if extension.load_error():
+        pytest.skip(extension.load_error())
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: key != "CUDA")
+    monkeypatch.setattr(extension, "build_record",
+                        lambda: dict(extension="cpu", reason="torch 2.14.1 is a CPU build (install ...)"))
+    expected = "mamlfast._C was built without its CUDA kernels: torch 2.14.1 is a CPU build (install ...)"
+    assert extension.cuda_kernels_error() == expected
+    assert ops.availability(torch.device("cuda"))["cuda"] == expected

@@ -1,8 +1,10 @@
-"""The fused backends (Triton, CUDA extension) against the torch backend and the reference.
+"""The fused backends (Triton, the compiled extension on CPU and CUDA tensors) against the
+torch backend and the reference.
 
-Without a GPU, Triton runs in its interpreter on CPU tensors (TRITON_INTERPRET=1, set in
-conftest.py), so the shapes are small, and the CUDA extension's cases skip; with a GPU both
-run compiled, on CUDA tensors.
+``cpp`` runs the extension's CPU kernels on CPU tensors on every machine where the extension is
+built. Without a GPU, Triton runs in its interpreter on CPU tensors (TRITON_INTERPRET=1, set in
+conftest.py), so the shapes are small, and the CUDA cases skip; with a GPU Triton and CUDA run
+compiled, on CUDA tensors.
 """
 
 import pytest
@@ -15,9 +17,13 @@ from mamlfast import ops
 
 
 
-@pytest.fixture(params=["triton", "cuda"])
+def device_of(backend: str) -> str:
+    return "cpu" if backend == "cpp" else DEVICE
+
+
+@pytest.fixture(params=["cpp", "triton", "cuda"])
 def backend(request):
-    reason = ops.availability(torch.device(DEVICE))[request.param]
+    reason = ops.availability(torch.device(device_of(request.param)))[request.param]
     if reason:
         pytest.skip(reason)
     return request.param
@@ -27,13 +33,13 @@ def backend(request):
 SHAPES = [(3, 2, 3, 5), (1, 3, 5, 3), (5, 1, 2, 1), (6, 1, 3, 27)]
 
 
-def _inputs(shape, dtype, seed=0):
+def _inputs(shape, dtype, seed=0, device=DEVICE):
     samples, tasks, channels, side = shape
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, tasks * channels, side, side, generator=g, dtype=dtype) * 3 + 2
     weight = torch.rand(channels, generator=g, dtype=dtype) + 0.5
     bias = torch.randn(channels, generator=g, dtype=dtype)
-    return [t.to(DEVICE) for t in (x, weight, bias)]
+    return [t.to(device) for t in (x, weight, bias)]
 
 
 def _derivatives(backend, x, weight, bias, seed=1):
@@ -51,16 +57,17 @@ def _derivatives(backend, x, weight, bias, seed=1):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_batch_norm_matches_torch_to_second_order(backend, shape):
-    inputs = _inputs(shape, torch.float64)
+    inputs = _inputs(shape, torch.float64, device=device_of(backend))
     for name, fused, reference in zip(["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"],
                                       _derivatives(backend, *inputs), _derivatives("torch", *inputs)):
         torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_batch_norm_float32_and_running_statistics(backend):
-    x, weight, bias = _inputs((6, 2, 3, 27), torch.float32)
+    device = device_of(backend)
+    x, weight, bias = _inputs((6, 2, 3, 27), torch.float32, device=device)
     names = (backend, "torch")
-    stats = {name: (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)) for name in names}
+    stats = {name: (torch.zeros(3, device=device), torch.ones(3, device=device)) for name in names}
     outs = {name: ops.task_batch_norm(x, weight, bias, *stats[name], momentum=0.3, backend=name) for name in names}
     torch.testing.assert_close(outs[backend], outs["torch"], rtol=1e-5, atol=1e-5)
     for fused, reference in zip(stats[backend], stats["torch"]):
@@ -71,7 +78,7 @@ def test_batch_norm_float32_and_running_statistics(backend):
 
 
 def test_batch_norm_gradcheck_and_gradgradcheck(backend):
-    inputs = [t.requires_grad_() for t in _inputs((3, 2, 2, 2), torch.float64)]
+    inputs = [t.requires_grad_() for t in _inputs((3, 2, 2, 2), torch.float64, device=device_of(backend))]
 
     def f(x, weight, bias):
         return ops.task_batch_norm(x, weight, bias, backend=backend)
@@ -81,24 +88,26 @@ def test_batch_norm_gradcheck_and_gradgradcheck(backend):
 
 
 def test_lslr_update_matches_torch_and_passes_gradcheck(backend):
-    # 1500 columns: not a multiple of the block (1024), with segments straddling blocks
-    segments = ops.segment_ids_for([700, 1, 500, 299]).to(DEVICE)
+    # 5000 columns: not a multiple of Triton's block (1024) or the CPU kernels' chunk (2048), with
+    # segments straddling both
+    device = device_of(backend)
+    segments = ops.segment_ids_for([700, 1, 3000, 1299]).to(device)
     g = torch.Generator().manual_seed(0)
-    params, grads = (torch.randn(3, 1500, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
-    lrs = torch.rand(4, generator=g, dtype=torch.float64).to(DEVICE)
+    params, grads = (torch.randn(3, 5000, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    lrs = torch.rand(4, generator=g, dtype=torch.float64).to(device)
     results = {}
     for name in (backend, "torch"):
         inputs = [t.detach().requires_grad_() for t in (params, grads, lrs)]
         out = ops.lslr_update(*inputs, segments, backend=name)
-        upstream = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype, device=DEVICE)
+        upstream = torch.ones_like(out) * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype, device=device)
         first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
         second = torch.autograd.grad(first[1].square().sum() + first[2].square().sum(), inputs[1:])
         results[name] = [out, *first, *second]
     for fused, reference in zip(results[backend], results["torch"]):
         torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
 
-    small = ops.segment_ids_for([2, 3, 1]).to(DEVICE)
-    inputs = [torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    small = ops.segment_ids_for([2, 3, 1]).to(device)
+    inputs = [torch.randn(shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
               for shape in ((2, 6), (2, 6), (3,))]
 
     def f(p, gr, lr):
@@ -128,8 +137,8 @@ def test_learner_on_fused_backend_matches_the_reference(backend, case, dtype, to
     variant, overrides, epoch = LEARNER_CASES[case]
     cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", variant, image_size=16, num_filters=3, inner_steps=2,
                                      eval_inner_steps=2, **overrides)
-    learner = perturbed_learner(cfg, dtype=dtype).to(DEVICE)
-    batch = random_batch(cfg, 2, dtype=dtype, device=DEVICE)
+    learner = perturbed_learner(cfg, dtype=dtype).to(device_of(backend))
+    batch = random_batch(cfg, 2, dtype=dtype, device=device_of(backend))
     results = {}
     for name in ("loop", backend):
         clone = with_backend(learner, name)
@@ -143,9 +152,7 @@ def test_learner_on_fused_backend_matches_the_reference(backend, case, dtype, to
 
 
 def test_triton_is_refused_where_it_cannot_run(monkeypatch):
-    x, weight, bias = _inputs((2, 1, 2, 2), torch.float32)
+    x, weight, bias = _inputs((2, 1, 2, 2), torch.float32, device="cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if DEVICE == "cpu":
-        with pytest.raises(ops.BackendUnavailable, match="Triton kernels need CUDA tensors"):
-            ops.task_batch_norm(x, weight, bias, backend="triton")
-    assert ops.resolve("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ops.BackendUnavailable, match="Triton kernels need CUDA tensors"):
+        ops.task_batch_norm(x, weight, bias, backend="triton")

@@ -159,7 +159,7 @@ def test_segment_dot_is_bitwise_reproducible(backend):
     torch.testing.assert_close(first.double(), exact, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cpp"])
 @pytest.mark.parametrize("rows, columns", [(0, 7), (3, 0), (0, 0)])
 def test_lslr_update_of_zero_size(backend, rows, columns):
     _require(backend)
@@ -171,7 +171,7 @@ def test_lslr_update_of_zero_size(backend, rows, columns):
         torch.testing.assert_close(fused, reference, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cpp"])
 @pytest.mark.parametrize("shape", [(0, 2, 3, 3), (4, 2, 3, 0)], ids=["no samples", "no pixels"])
 def test_batch_norm_of_groups_without_values(backend, shape):
     """Nothing to normalise: empty outputs, zero gradients of the affine parameters, and

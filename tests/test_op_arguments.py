@@ -1,7 +1,7 @@
 """Calls the hot ops cannot take fail before any kernel runs, with a ValueError naming the
 argument: at the Python entry points for every backend, and in the compiled operators
-torch.ops.mamlfast.* (csrc/op_checks.h), whose checks run where the operators have kernels
-(CUDA tensors, so those cases need a GPU)."""
+torch.ops.mamlfast.* (csrc/op_checks.h), whose checks are the same for the CPU and the CUDA
+kernels (run here on the test device)."""
 
 import subprocess
 import sys
@@ -12,9 +12,10 @@ import torch
 from conftest import DEVICE
 from mamlfast import ops
 from mamlfast.ops import batch_norm_triton, lslr_triton
-from mamlfast.ops.cuda_extension import load_error
+from mamlfast.ops.extension import load_error
 
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+other_device = pytest.mark.skipif(DEVICE != "cuda", reason="needs a second device: a CUDA one")
 
 
 def _batch_norm_inputs(samples=2, tasks=2, channels=3, side=3, dtype=torch.float32, device="cpu"):
@@ -72,7 +73,8 @@ def test_triton_kernels_refuse_what_int32_offsets_cannot_index():
         lslr_triton.segment_dot(flat, flat, torch.zeros(2**15, dtype=torch.long), 1)
 
 
-# The compiled operators. Each case: a function of valid CUDA inputs making one bad argument.
+# The compiled operators. Each case: the operator, a function of valid inputs on a device making
+# one bad argument, the error expected, and any marks.
 def _compiled_cases():
     def bn(**changes):
         def make(device):
@@ -98,7 +100,7 @@ def _compiled_cases():
         (forward, bn(weight=lambda a: a["weight"].new_ones(4)), "x.size.1. = 6 is not a multiple of C = 4"),
         (forward, bn(weight=lambda a: a["weight"].double()), "weight must be Float, got Double"),
         (forward, bn(bias=lambda a: a["bias"][:2]), r"bias must be \[3\], got \[2\]"),
-        (forward, bn(bias=lambda a: a["bias"].cpu()), "bias must be on cuda:0 like x, got cpu"),
+        (forward, bn(bias=lambda a: a["bias"].cpu()), "bias must be on cuda:0 like x, got cpu", other_device),
         (forward, bn(eps=lambda a: -1.0), "eps must be >= 0"),
         (backward, bn(grad_out=lambda a: a["grad_out"][:1]), "grad_out must have x's shape"),
         (backward, bn(grad_out=lambda a: a["grad_out"].half()), "grad_out must have x's dtype Float, got Half"),
@@ -129,7 +131,7 @@ def _segment_cases():
         (axpy, seg(x=lambda a: a["x"].long()), "x must be float32, float64, float16 or bfloat16"),
         (axpy, seg(segment=lambda a: a["segment"].float()), "segment must be int32 or int64, got Float"),
         (axpy, seg(segment=lambda a: a["segment"][:4]), r"segment must be \[P\] = \[5\], got \[4\]"),
-        (axpy, seg(segment=lambda a: a["segment"].cpu()), "segment must be on cuda:0 like x"),
+        (axpy, seg(segment=lambda a: a["segment"].cpu()), "segment must be on cuda:0 like x", other_device),
         (axpy, seg(s=lambda a: a["s"][:0]), r"s must be \[T\], one value per segment id"),
         (axpy, seg(s=lambda a: a["s"].double()), "s must be Float, got Double"),
         (axpy, seg(base=lambda a: a["base"].t().contiguous()), "base must have x's shape"),
@@ -139,19 +141,18 @@ def _segment_cases():
     ]
 
 
-@gpu
 @pytest.mark.parametrize("op, make, message",
-                         [pytest.param(op, make, message, id=f"{op[0]}-{make.argument}")
-                          for op, make, message in _compiled_cases()])
+                         [pytest.param(op, make, message, id=f"{op[0]}-{make.argument}", marks=marks)
+                          for op, make, message, *marks in _compiled_cases()])
 def test_compiled_operators_refuse(op, make, message):
     if load_error():
         pytest.skip(load_error())
     (name, parameters), args = op, make(DEVICE)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         getattr(torch.ops.mamlfast, name)(*(args[p] for p in parameters))
+    assert "\n" not in str(error.value).strip(), str(error.value)
 
 
-@gpu
 def test_compiled_operators_take_zero_sizes_and_int32_segment_ids():
     if load_error():
         pytest.skip(load_error())
@@ -174,6 +175,19 @@ def test_compiled_operators_take_zero_sizes_and_int32_segment_ids():
     segment, s = torch.tensor([1, 0, 2, 0, 1, 2, 2], device=DEVICE), torch.rand(3, device=DEVICE)
     assert torch.equal(mamlfast.segment_dot(x, y, segment.int(), 3), mamlfast.segment_dot(x, y, segment, 3))
     assert torch.equal(mamlfast.segment_axpy(x, s, segment.int(), y), mamlfast.segment_axpy(x, s, segment, y))
+
+
+def test_cpu_kernels_refuse_half_precision_and_out_of_range_segment_ids():
+    if load_error():
+        pytest.skip(load_error())
+    x, weight = torch.randn(2, 4, 3, 3).half(), torch.ones(2).half()
+    with pytest.raises(ValueError, match="on the CPU, x must be float32 or float64, got Half"):
+        torch.ops.mamlfast.batch_norm_forward(x, weight, weight, 1e-5)
+    x, segment = torch.ones(2, 4), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"segment ids must lie in \[0, 3\), got 3"):
+        torch.ops.mamlfast.segment_axpy(x, torch.ones(3), segment, None)
+    with pytest.raises(ValueError, match=r"segment ids must lie in \[0, 3\), got 3"):
+        torch.ops.mamlfast.segment_dot(x, x, segment.int(), 3)
 
 
 @gpu

@@ -95,4 +95,8 @@ def test_unknown_backend_is_an_error():
     x, weight, bias = _activations()
     with pytest.raises(ops.BackendUnavailable, match="unknown backend 'tpu'"):
         ops.task_batch_norm(x, weight, bias, backend="tpu")
-    assert ops.resolve("auto", torch.device("cpu")) == "torch"
+
+
+def test_auto_takes_the_compiled_kernels_on_the_cpu_where_they_are_built():
+    cpu = torch.device("cpu")
+    assert ops.resolve("auto", cpu) == ("cpp" if ops.availability(cpu)["cpp"] is None else "torch")

@@ -7,7 +7,11 @@ import os
 
 import torch
 
-OP_BACKENDS = ("torch", "triton", "cuda")
+OP_BACKENDS = ("torch", "cpp", "triton", "cuda")
+
+# auto's choice, fastest first, per device type: the compiled kernels where they can run
+# (benchmarks/RESULTS.md has the measurements), else the pure PyTorch path
+AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 class BackendUnavailable(RuntimeError):
@@ -38,25 +42,29 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         if device.type != "cuda" and not interpreting_triton():
             return f"Triton kernels need CUDA tensors, got {device.type} ones (TRITON_INTERPRET=1 runs them on the CPU)"
         return None
-    if backend == "cuda":
-        from .cuda_extension import load_error
+    if backend == "cpp":
+        from .extension import load_error
         if load_error():
             return load_error()
+        if device.type != "cpu":
+            return (f"the cpp backend runs the extension's CPU kernels on CPU tensors, got {device.type} ones "
+                    "(backend='cuda' runs its CUDA kernels)")
+        return None
+    if backend == "cuda":
+        from .extension import cuda_kernels_error
+        if cuda_kernels_error():
+            return cuda_kernels_error()
         if device.type != "cuda":
-            return f"the CUDA extension needs CUDA tensors, got {device.type} ones"
+            return f"the cuda backend needs CUDA tensors, got {device.type} ones (backend='cpp' runs the CPU kernels)"
         return None
     return f"unknown backend {backend!r}; choose one of auto, {', '.join(OP_BACKENDS)}"
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The op backend that runs for ``backend`` on ``device``: ``auto`` takes the fastest usable.
-
-    ``auto`` uses compiled kernels on GPUs only; on the CPU it is always ``torch``.
-    """
+    """The op backend that runs for ``backend`` on ``device``: ``auto`` takes the fastest usable."""
     if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        return next(name for name in ("cuda", "triton", "torch") if unavailable_reason(name, device) is None)
+        preference = AUTO_PREFERENCE.get(device.type, ("torch",))
+        return next(name for name in preference if unavailable_reason(name, device) is None)
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")

@@ -86,14 +86,14 @@ def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training,
     return out
 
 
-def _fused_task_batch_norm(backend, x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """Batch-statistics normalisation by ``backend``'s kernels (``batch_norm_<backend>.py``).
+def _fused_task_batch_norm(module, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Batch-statistics normalisation by the kernels of ``batch_norm_<module>.py``.
 
     Normalising with fixed running statistics is one affine map: the torch path does it.
     """
     if not training:
         return _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
-    kernels = importlib.import_module(f".batch_norm_{backend}", __package__)
+    kernels = importlib.import_module(f".batch_norm_{module}", __package__)
     out, mean, var = _TaskBatchNorm.apply(x.contiguous(), weight, bias, eps, kernels)
     if running_mean is not None and x.numel():
         values = x.numel() // x.shape[1]
@@ -154,5 +154,6 @@ class _TaskBatchNormBackward(torch.autograd.Function):
 _IMPLEMENTATIONS = {
     "torch": _torch_task_batch_norm,
     "triton": functools.partial(_fused_task_batch_norm, "triton"),
-    "cuda": functools.partial(_fused_task_batch_norm, "cuda"),
+    "cuda": functools.partial(_fused_task_batch_norm, "extension"),
+    "cpp": functools.partial(_fused_task_batch_norm, "extension"),
 }

@@ -60,9 +60,9 @@ def _torch_lslr_update(params, grads, lrs, segment_ids):
     return params - lrs[segment_ids] * grads
 
 
-def _fused_lslr_update(backend, params, grads, lrs, segment_ids):
-    """The update by ``backend``'s kernels (``lslr_<backend>.py``), as out = params + (-lrs)[seg] * grads."""
-    kernels = importlib.import_module(f".lslr_{backend}", __package__)
+def _fused_lslr_update(module, params, grads, lrs, segment_ids):
+    """The update by the kernels of ``lslr_<module>.py``, as out = params + (-lrs)[seg] * grads."""
+    kernels = importlib.import_module(f".lslr_{module}", __package__)
     return _SegmentAxpy.apply(grads, -lrs, params, segment_ids, kernels)
 
 
@@ -107,5 +107,6 @@ class _SegmentDot(torch.autograd.Function):
 _IMPLEMENTATIONS = {
     "torch": _torch_lslr_update,
     "triton": functools.partial(_fused_lslr_update, "triton"),
-    "cuda": functools.partial(_fused_lslr_update, "cuda"),
+    "cuda": functools.partial(_fused_lslr_update, "extension"),
+    "cpp": functools.partial(_fused_lslr_update, "extension"),
 }

@@ -1,4 +1,5 @@
-"""Loading the compiled extension ``mamlfast._C`` (built from csrc/ where CUDA is present)."""
+"""Loading the compiled extension ``mamlfast._C``: the hot ops' CPU kernels, and their CUDA kernels
+where the build found CUDA (csrc/)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,25 @@ def build_record() -> dict | None:
 def _why_not_loaded(error: ImportError, record: dict | None) -> str:
     reinstall = "reinstall mamlfast with pip install --no-build-isolation -e . from its source folder"
     if record is None:
-        return f"the CUDA extension is not built (mamlfast was installed without a build record): {reinstall}"
+        return f"the extension mamlfast._C is not built (mamlfast was installed without a build record): {reinstall}"
     if record.get("extension") is None:
-        return f"the CUDA extension is not built: {record.get('reason')}"
+        return f"the extension mamlfast._C is not built: {record.get('reason')}"
     if record.get("torch") != torch.__version__:
-        return f"the CUDA extension was built for torch {record.get('torch')}, running torch {torch.__version__}: {reinstall}"
+        return (f"the extension mamlfast._C was built for torch {record.get('torch')}, running torch "
+                f"{torch.__version__}: {reinstall}")
     if "No module named" in str(error):
-        return f"the CUDA extension's build did not complete (mamlfast._C is missing): {reinstall}"
-    return f"the CUDA extension did not load ({error})"
+        return f"the extension's build did not complete (mamlfast._C is missing): {reinstall}"
+    return f"the extension mamlfast._C did not load ({error})"
+
+
+def cuda_kernels_error() -> str | None:
+    """None if the loaded extension holds the CUDA kernels, else why not (the build record's reason)."""
+    if load_error():
+        return load_error()
+    if torch._C._dispatch_has_kernel_for_dispatch_key("mamlfast::batch_norm_forward", "CUDA"):
+        return None
+    reason = (build_record() or {}).get("reason", "the build record does not say why")
+    return f"mamlfast._C was built without its CUDA kernels: {reason}"
 
 
 def require() -> None:

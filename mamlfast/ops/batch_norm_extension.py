@@ -1,12 +1,16 @@
-"""The CUDA extension's batch-norm kernels (csrc/batch_norm.cu), with the Triton module's interface."""
+"""The compiled extension's batch-norm kernels, with the Triton module's interface.
+
+The operators ``torch.ops.mamlfast.*`` run csrc/batch_norm_cpu.cpp on CPU tensors (backend
+``cpp``) and csrc/batch_norm.cu on CUDA tensors (backend ``cuda``): the dispatcher picks by device.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from . import cuda_extension
+from . import extension
 
-cuda_extension.require()
+extension.require()
 
 
 def forward(x, weight, bias, eps):

@@ -1,0 +1,24 @@
+// The mamlfast operators (namespace mamlfast): one schema each, implemented per device by
+// batch_norm_cpu.cpp and lslr_cpu.cpp (CPU) and by bindings.cpp (CUDA), so that
+// torch.ops.mamlfast.* pick the kernel by the tensors' device and torch.library.opcheck can
+// check them. The module mamlfast._C exists only to load this library.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mamlfast, m) {
+  m.def("batch_norm_forward(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_double_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
+        "Tensor gg_x, Tensor gg_weight, Tensor gg_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("segment_axpy(Tensor x, Tensor s, Tensor segment, Tensor? base) -> Tensor");
+  m.def("segment_dot(Tensor x, Tensor y, Tensor segment, int segments) -> Tensor");
+}
+
+// An empty module: importing it loads the library, whose static initialisers register the operators.
+PyMODINIT_FUNC PyInit__C() {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mamlfast's compiled kernels, as torch.ops.mamlfast.*",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
