@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
-import importlib
 import os
 import signal
 import subprocess
@@ -46,6 +45,7 @@ from func_peer import FuncMAMLPlusPlus, meta_iteration  # noqa: E402
 from mamlfast.config import BACKENDS  # noqa: E402
 from mamlfast.files import write_json  # noqa: E402
 from mamlfast.step import MetaStep, make_optimizer  # noqa: E402
+from memory import peak_resident_bytes, reset_peak_resident, resident_bytes  # noqa: E402
 from tables import meta_step_table, profile_table  # noqa: E402
 from timing import device_name, median, one_line, time_interleaved, versions  # noqa: E402
 
@@ -197,24 +197,16 @@ def memory_probe(args) -> None:
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        importlib.import_module("torch._dynamo")  # code that checkpointing loads on first use, not iteration memory
-        # Writing 5 to clear_refs resets the resident-memory high-water mark to the current size.
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        before = _proc_status_bytes("VmRSS")
+        if not reset_peak_resident():
+            raise RuntimeError("cannot reset the resident-memory high-water mark (/proc/self/clear_refs)")
+        before = resident_bytes()
     for _ in range(args.warmup + 2):
         iterate()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         print(torch.cuda.max_memory_allocated(device) - before)
     else:
-        print(_proc_status_bytes("VmHWM") - before)
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
+        print(peak_resident_bytes() - before)
 
 
 def measure(args) -> dict:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # What a second-order meta-iteration takes beyond the tensors its graph saves (the backward's own
 # gradients and workspaces), as a fraction of them: measured on the CPU (benchmarks/RESULTS.md).
-BACKWARD_HEADROOM = 0.2  # the peak was 12 to 17% above the saved tensors
+BACKWARD_HEADROOM = 0.2  # the peak was 1 to 17% above the saved tensors
 
 
 class MAMLPlusPlus(nn.Module):

@@ -54,6 +54,15 @@ def with_backend(learner: mamlfast.MAMLPlusPlus, backend: str) -> mamlfast.MAMLP
     return clone
 
 
+def meta_iteration(learner: mamlfast.MAMLPlusPlus, batch: mamlfast.TaskBatch, epoch: int):
+    """One meta-forward and outer backward: its output, the meta-gradients and the running statistics."""
+    out = learner(batch, epoch)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
+    buffers = {name: b.clone() for name, b in learner.named_buffers() if "running" in name}
+    return out, grads, buffers
+
+
 def relative_errors(expected: dict, actual: dict, floor: float = 1e-6) -> dict:
     """max|a - e| / max|e| per tensor, where max|e| is at least ``floor`` times the largest value
     of all tensors: some tensors are zero in exact arithmetic (conv biases feed batch norm, which

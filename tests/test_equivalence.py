@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mamlfast
-from conftest import perturbed_learner, random_batch, relative_errors, with_backend
+from conftest import meta_iteration, perturbed_learner, random_batch, relative_errors, with_backend
 
 TOLERANCE = 1e-6
 
@@ -25,14 +25,6 @@ CASES = {
 }
 
 
-def _run(learner, batch, epoch):
-    out = learner(batch, epoch)
-    out.loss.backward()
-    grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
-    buffers = {name: b.clone() for name, b in learner.named_buffers() if "running" in name}
-    return out, grads, buffers
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_batched_path_matches_reference(case):
     preset, variant, overrides, epoch = CASES[case]
@@ -42,8 +34,8 @@ def test_batched_path_matches_reference(case):
     learner = perturbed_learner(cfg)
     batch = random_batch(cfg, tasks)
 
-    ref_out, ref_grads, ref_buffers = _run(with_backend(learner, "loop"), batch, epoch)
-    out, grads, buffers = _run(with_backend(learner, "torch"), batch, epoch)
+    ref_out, ref_grads, ref_buffers = meta_iteration(with_backend(learner, "loop"), batch, epoch)
+    out, grads, buffers = meta_iteration(with_backend(learner, "torch"), batch, epoch)
 
     assert ref_out.loss.requires_grad and out.loss.requires_grad
     assert abs(out.loss.item() - ref_out.loss.item()) <= TOLERANCE * abs(ref_out.loss.item())
@@ -65,6 +57,6 @@ def test_second_order_gradient_differs_from_first_order(small_cfg):
     """The derivative order is live: the same batch gives different meta-gradients in each."""
     learner = perturbed_learner(small_cfg.replace(msl=False))
     batch = random_batch(small_cfg, 2)
-    first = _run(with_backend(learner, "torch"), batch, epoch=0)[1]
-    second = _run(with_backend(learner, "torch"), batch, epoch=small_cfg.first_order_epochs)[1]
+    first = meta_iteration(with_backend(learner, "torch"), batch, epoch=0)[1]
+    second = meta_iteration(with_backend(learner, "torch"), batch, epoch=small_cfg.first_order_epochs)[1]
     assert (first["net.conv1.weight"] - second["net.conv1.weight"]).abs().max() > 1e-6

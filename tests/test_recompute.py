@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mamlfast
-from conftest import DEVICE, perturbed_learner, random_batch, relative_errors, with_backend
+from conftest import DEVICE, meta_iteration, perturbed_learner, random_batch, relative_errors, with_backend
 from mamlfast import checkpoints, ops, recompute
 from mamlfast.cli import build_parser
 from mamlfast.learner import MAMLPlusPlus
@@ -34,14 +34,6 @@ def _recomputing(learner, recompute=True):
     clone = with_backend(learner, learner.cfg.backend)
     clone.cfg = clone.cfg.replace(recompute=recompute)
     return clone
-
-
-def _run(learner, batch, epoch):
-    out = learner(batch, epoch)
-    out.loss.backward()
-    grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
-    buffers = {name: b.clone() for name, b in learner.named_buffers() if "running" in name}
-    return out, grads, buffers
 
 
 @pytest.fixture
@@ -88,7 +80,7 @@ def test_recompute_is_bitwise_the_path_without_it(case, dtype, monkeypatch, repr
     plain, recomputing = with_backend(learner, "torch"), _recomputing(learner)
     batch = random_batch(cfg, 2, dtype=dtype)
     forwards = _Forwards(monkeypatch)
-    expected = _run(plain, batch, epoch)
+    expected = meta_iteration(plain, batch, epoch)
     plain_calls = len(forwards.calls)
     forwards.calls.clear()
 
@@ -128,9 +120,9 @@ def test_recompute_on_every_backend_matches_the_reference(op_backend, variant, d
     learner = perturbed_learner(cfg, dtype=dtype).to(DEVICE)
     batch = random_batch(cfg, 2, dtype=dtype, device=DEVICE)
     tolerance, floor = _reference_tolerance(dtype)
-    ref_out, ref_grads, ref_buffers = _run(with_backend(learner, "loop"), batch, 1)
-    plain = _run(with_backend(learner, op_backend), batch, 1)
-    out, grads, buffers = _run(_recomputing(with_backend(learner, op_backend)), batch, 1)
+    ref_out, ref_grads, ref_buffers = meta_iteration(with_backend(learner, "loop"), batch, 1)
+    plain = meta_iteration(with_backend(learner, op_backend), batch, 1)
+    out, grads, buffers = meta_iteration(_recomputing(with_backend(learner, op_backend)), batch, 1)
     assert abs(out.loss.item() - ref_out.loss.item()) <= tolerance * abs(ref_out.loss.item())
     worst = max(relative_errors(ref_grads, grads, floor=floor).items(), key=lambda item: item[1])
     assert worst[1] <= tolerance, f"meta-gradient of {worst[0]} differs by {worst[1]:.2e} relative"
