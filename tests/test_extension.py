@@ -10,7 +10,7 @@ import torch
 
 from conftest import DEVICE
 from mamlfast import ops
-from mamlfast.ops.extension import load_error
+from mamlfast.ops.extension import cuda_kernels_error, load_error
 
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward", "segment_axpy", "segment_dot")
@@ -29,6 +29,14 @@ def test_extension_loads_and_registers_its_operators(extension):
     for name in OPERATORS:
         assert hasattr(torch.ops.mamlfast, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlfast::{name}", "CPU")
+
+
+def test_the_cuda_kernels_are_built_where_expected():
+    """CI sets MAMLFAST_EXPECT_CUDA_EXTENSION=1 on a machine with a CUDA toolkit: there a build
+    that left the CUDA kernels out fails here, GPU or not."""
+    if os.environ.get("MAMLFAST_EXPECT_CUDA_EXTENSION") != "1":
+        pytest.skip("MAMLFAST_EXPECT_CUDA_EXTENSION is not 1")
+    assert cuda_kernels_error() is None, cuda_kernels_error()
 
 
 def test_each_backend_says_why_it_cannot_run(extension):
