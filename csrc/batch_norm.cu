@@ -1,5 +1,7 @@
 // Per-step batch norm of task-batched activations: forward, backward, double backward.
-// The maths is that of mamlfast/ops/batch_norm_triton.py, whose docstring gives the formulas.
+// The arithmetic per group and per element is formulas.h's, which the CPU kernels share (so the
+// CPU tests check the formulas these kernels run); mamlfast/ops/batch_norm_triton.py's docstring
+// gives the same formulas.
 //
 // Activations are [N, G, HW]; group g = (task, channel) owns the N * HW values x[:, g, :].
 // Each kernel makes a few sums over a group, then applies them to every value of the group.
@@ -14,6 +16,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "formulas.h"
 
 namespace mamlfast {
 namespace {
@@ -92,7 +95,10 @@ template <typename T, int VEC> struct Forward {
   A eps;
   bool aligned;
 
-  struct Group { A shift, weight, bias, mean, var, rstd; };
+  struct Group {
+    A shift, weight, bias;
+    GroupStatistics<A> stats;
+  };
 
   __device__ Group begin(const GroupShape& s, int64_t group) const {
     // values shifted by the group's first value keep float32 sums of squares exact enough
@@ -109,22 +115,20 @@ template <typename T, int VEC> struct Forward {
     }
   }
   __device__ void finish(Group& g, const A (&sums)[kSums], int64_t values) const {
-    const A shifted_mean = sums[0] / values;
-    g.var = max(sums[1] / values - shifted_mean * shifted_mean, A(0));
-    g.mean = shifted_mean + g.shift;
-    g.rstd = A(1) / sqrt(g.var + eps);
+    g.stats = group_statistics(sums[0], sums[1], g.shift, values, eps);
   }
   __device__ void apply(const Group& g, int64_t offset) const {
+    const ForwardMap<A> map = forward_map(g.stats, g.weight, g.bias);
     A v[VEC];
     load_run(x, offset, aligned, v);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) v[i] = (v[i] - g.mean) * g.rstd * g.weight + g.bias;
+    for (int i = 0; i < VEC; ++i) v[i] = map(v[i]);
     store_run(y, offset, aligned, v);
   }
   __device__ void write(const Group& g, int64_t group, const A (&)[kSums]) const {
-    mean_out[group] = g.mean;
-    var_out[group] = g.var;
-    rstd_out[group] = g.rstd;
+    mean_out[group] = g.stats.mean;
+    var_out[group] = g.stats.var;
+    rstd_out[group] = g.stats.rstd;
   }
 };
 
@@ -137,7 +141,10 @@ template <typename T, int VEC> struct Backward {
   A *grad_weight, *grad_bias;
   bool aligned;
 
-  struct Group { A mean, rstd, weight, mean_dy, mean_dy_xh; };
+  struct Group {
+    A mean, rstd, weight;
+    BackwardMap<A> map;
+  };
 
   __device__ Group begin(const GroupShape& s, int64_t group) const {
     return {mean[group], rstd[group], load(weight, group % s.channels)};
@@ -149,22 +156,18 @@ template <typename T, int VEC> struct Backward {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       sums[0] += dys[i];
-      sums[1] += dys[i] * (xs[i] - g.mean) * g.rstd;
+      sums[1] += dys[i] * normalised(xs[i], g.mean, g.rstd);
     }
   }
   __device__ void finish(Group& g, const A (&sums)[kSums], int64_t values) const {
-    g.mean_dy = sums[0] / values;
-    g.mean_dy_xh = sums[1] / values;
+    g.map = backward_map(g.weight, g.rstd, sums[0], sums[1], values);
   }
   __device__ void apply(const Group& g, int64_t offset) const {
     A xs[VEC], dys[VEC];
     load_run(x, offset, aligned, xs);
     load_run(grad_out, offset, aligned, dys);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const A xh = (xs[i] - g.mean) * g.rstd;
-      xs[i] = g.weight * g.rstd * (dys[i] - g.mean_dy - xh * g.mean_dy_xh);
-    }
+    for (int i = 0; i < VEC; ++i) xs[i] = g.map(normalised(xs[i], g.mean, g.rstd), dys[i]);
     store_run(grad_x, offset, aligned, xs);
   }
   __device__ void write(const Group&, int64_t group, const A (&sums)[kSums]) const {
@@ -183,7 +186,10 @@ template <typename T, int VEC> struct DoubleBackward {
   A* grad_weight;
   bool aligned;
 
-  struct Group { A mean, rstd, weight, ggw, ggb, mean_dy, mean_dy_xh, mean_ggx, mean_ggx_xh, covariance, grad_weight; };
+  struct Group {
+    A mean, rstd, weight, ggw, ggb;
+    DoubleBackwardMaps<A> maps;
+  };
 
   __device__ Group begin(const GroupShape& s, int64_t group) const {
     const int64_t channel = group % s.channels;
@@ -196,7 +202,7 @@ template <typename T, int VEC> struct DoubleBackward {
     load_run(gg_x, offset, aligned, ggxs);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const A xh = (xs[i] - g.mean) * g.rstd;
+      const A xh = normalised(xs[i], g.mean, g.rstd);
       sums[0] += dys[i];
       sums[1] += dys[i] * xh;
       sums[2] += ggxs[i];
@@ -205,12 +211,8 @@ template <typename T, int VEC> struct DoubleBackward {
     }
   }
   __device__ void finish(Group& g, const A (&sums)[kSums], int64_t values) const {
-    g.mean_dy = sums[0] / values;
-    g.mean_dy_xh = sums[1] / values;
-    g.mean_ggx = sums[2] / values;
-    g.mean_ggx_xh = sums[3] / values;
-    g.covariance = sums[4] / values - g.mean_ggx * g.mean_dy;
-    g.grad_weight = g.rstd * values * (g.covariance - g.mean_ggx_xh * g.mean_dy_xh);
+    g.maps = double_backward_maps(g.weight, g.rstd, g.ggw, g.ggb,
+                                  DoubleBackwardSums<A>{sums[0], sums[1], sums[2], sums[3], sums[4]}, values);
   }
   __device__ void apply(const Group& g, int64_t offset) const {
     A xs[VEC], dys[VEC], ggxs[VEC], g_dy[VEC];
@@ -219,18 +221,15 @@ template <typename T, int VEC> struct DoubleBackward {
     load_run(gg_x, offset, aligned, ggxs);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const A xh = (xs[i] - g.mean) * g.rstd, dy = dys[i], ggx = ggxs[i];
-      g_dy[i] = g.weight * g.rstd * (ggx - g.mean_ggx - xh * g.mean_ggx_xh) + g.ggw * xh + g.ggb;
-      xs[i] = g.weight * g.rstd * g.rstd *
-                  (-xh * (g.covariance - A(3) * g.mean_dy_xh * g.mean_ggx_xh) - g.mean_dy_xh * (ggx - g.mean_ggx) -
-                   g.mean_ggx_xh * (dy - g.mean_dy)) +
-              g.ggw * g.rstd * (dy - g.mean_dy - xh * g.mean_dy_xh);
+      const A xh = normalised(xs[i], g.mean, g.rstd);
+      g_dy[i] = g.maps.grad_dy(xh, ggxs[i]);
+      xs[i] = g.maps.grad_x(xh, dys[i], ggxs[i]);
     }
     store_run(grad_grad_out, offset, aligned, g_dy);
     store_run(grad_x, offset, aligned, xs);
   }
   __device__ void write(const Group& g, int64_t group, const A (&)[kSums]) const {
-    grad_weight[group] = g.grad_weight;
+    grad_weight[group] = g.maps.grad_gamma;
   }
 };
 
