@@ -98,20 +98,22 @@ def _checked(entries: dict[str, Any]) -> dict[str, Any]:
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "str | None": "a string or null", "float | None": "a number or null", "list": "a list of numbers"}
+               "str | None": "a string or null", "float | None": "a number or null", "bool | str": "true, false or a string",
+               "list": "a list of numbers"}
 
 
 def _has_type(value: Any, expected: str) -> bool:
+    kinds = expected.split(" | ")
     if value is None:
-        return expected.endswith("| None")
+        return "None" in kinds
     if isinstance(value, bool):
-        return expected == "bool"
-    if expected == "int":
-        return isinstance(value, int)
-    if expected.startswith("float"):
-        return isinstance(value, (int, float))
-    if expected.startswith("str"):
-        return isinstance(value, str)
-    if expected == "list":
-        return isinstance(value, list) and all(_has_type(v, "float") for v in value)
+        return "bool" in kinds
+    if isinstance(value, int) and "int" in kinds:
+        return True
+    if isinstance(value, (int, float)):
+        return "float" in kinds
+    if isinstance(value, str):
+        return "str" in kinds
+    if isinstance(value, list):
+        return "list" in kinds and all(_has_type(v, "float") for v in value)
     return False

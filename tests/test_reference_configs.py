@@ -10,7 +10,7 @@ import torch
 
 import mamlfast
 from fixtures import make_mini_imagenet, make_omniglot
-from mamlfast import cli, config_file, reference_config
+from mamlfast import checkpoints, cli, config_file, reference_config
 from mamlfast.data import DatasetError, load_dataset
 from mamlfast.data.omniglot import ClassSplit, default_split, list_classes, load_omniglot
 
@@ -96,7 +96,7 @@ TABLE = {
         dict(MINI_IMAGENET, **PLAIN, task_learning_rate=0.4), True,
         dict(MINI_MAMLPP, **PLAIN_FIELDS, min_meta_lr=1e-3, inner_lr=0.4), dict(dataset="mini-imagenet")),
 }
-EXECUTION_FIELDS = {"backend", "cuda_graphs"}
+EXECUTION_FIELDS = set(checkpoints.EXECUTION_FIELDS)  # how to compute, not what: no reference key sets them
 
 
 @pytest.mark.parametrize("name", TABLE)
@@ -386,3 +386,13 @@ def test_readme_maps_every_reference_key():
     section = readme[readme.index("## Coming from the reference code"):]
     missing = [key for key in reference_config.KEYS if f"`{key}`" not in section]
     assert not missing, f"README's reference section does not mention {missing}"
+
+
+def test_a_config_file_takes_recompute_as_true_false_or_auto(tmp_path):
+    path = tmp_path / "config.json"
+    for value in (True, False, "auto"):
+        path.write_text(json.dumps(dict(recompute=value)))
+        assert config_file.read(path).options["recompute"] == value
+    path.write_text(json.dumps(dict(recompute=3)))
+    with pytest.raises(ValueError, match="recompute=3: must be true, false or a string"):
+        config_file.read(path)
