@@ -121,7 +121,7 @@ if [ "$dry" = 1 ]; then
   export OMP_NUM_THREADS=1
   build=(echo "dry run: pip install -e . with CUDA_HOME=${cuda_home:-none} TORCH_CUDA_ARCH_LIST=${arch:-none}")
   build_without_extension=(echo "dry run: pip install -e . with MAMLFAST_NO_CUDA=1")
-  configurations=func,torch,auto
+  configurations=func,torch,auto,torch+recompute
   small=(--tasks 2 --override image_size=16 --override num_filters=4 --repeats 2 --warmup 1 --no-memory)
   kernels=(--presets omniglot-5w1s --backends torch --repeats 1 --warmup 1)
   pytest_mode=(--collect-only)
@@ -130,7 +130,7 @@ else
   install=("$py" -m pip install --no-build-isolation --no-deps --no-index -e .)
   build=(env CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${install[@]}")
   build_without_extension=(env MAMLFAST_NO_CUDA=1 "${install[@]}")
-  configurations=func,torch,triton,cuda,auto,auto+graphs
+  configurations=func,torch,triton,cuda,auto,auto+graphs,auto+graphs+recompute
   small=(--repeats 10 --warmup 3)
   kernels=(--repeats 30)
   pytest_mode=()
