@@ -106,8 +106,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert [run["rows"][0]["preset"] for run in summary["meta_step"]] == [
         "mini-imagenet-5w1s", "omniglot-20w1s", "omniglot-5w1s"]
     for run in summary["meta_step"]:
-        assert [(row["backend"], row["error"]) for row in run["rows"]] == [
-            ("loop", None), ("func", None), ("torch", None), ("auto", None)]
+        assert [(row["backend"], row["recompute"], row["error"]) for row in run["rows"]] == [
+            ("loop", False, None), ("func", False, None), ("torch", False, None), ("auto", False, None),
+            ("torch", True, None)]
     assert summary["profiles"][0]["profiles"]["auto"]["ops"]
     assert summary["kernels"]["rows"]
 
