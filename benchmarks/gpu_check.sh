@@ -2,7 +2,8 @@
 # The prepared GPU check, for a bare CUDA machine with torch installed and no internet. Most valuable first:
 # build mamlfast's extension for the card in hand (if that fails, install without it and go on), benchmark
 # meta-iterations on omniglot-20w1s, run the GPU tests, profile one meta-iteration, benchmark the other
-# presets and the hot ops, then compute-sanitizer's memcheck on the op tests with the time left.
+# presets and the hot ops, run the remaining GPU tests (fixed-order sums, argument checks, recompute), then
+# compute-sanitizer's memcheck on the op tests with the time left.
 #
 # Each step has its own time limit, all within a budget of GPU_CHECK_BUDGET seconds (420: the check ends
 # inside 8 minutes); each step's log (OUTDIR/STEP.txt) and JSON land as soon as the step ends, and
@@ -147,8 +148,8 @@ meta_step() {  # meta_step PRESET LIMIT
   step "meta_step-$1" "$2" "$py" benchmarks/meta_step.py --preset "$1" --backends "$configurations" "${small[@]}" \
     --json "$out/meta_step-$1.json"
 }
-gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_kernel_reductions.py tests/test_op_arguments.py
-  tests/test_recompute.py tests/test_step.py)
+gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_step.py)
+more_gpu_tests=(tests/test_kernel_reductions.py tests/test_op_arguments.py tests/test_recompute.py)
 
 step info 30 "$py" -m mamlfast info
 meta_step omniglot-20w1s 150
@@ -158,6 +159,7 @@ step profile-omniglot-20w1s 60 "$py" benchmarks/meta_step.py --preset omniglot-2
 meta_step omniglot-5w1s 90
 meta_step mini-imagenet-5w1s 120
 step kernels 120 "$py" benchmarks/kernels.py "${kernels[@]}" --json "$out/kernels.json"
+step more-tests 120 "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_mode[@]}" "${more_gpu_tests[@]}"
 # The caching allocator would hide out-of-bounds accesses inside its blocks from memcheck.
 op_tests=("$py" -m pytest -q -rfE -p no:cacheprovider tests/test_extension.py tests/test_fused_backends.py
   tests/test_kernel_reductions.py tests/test_op_arguments.py

@@ -73,7 +73,8 @@ def read_json(path: Path) -> dict:
 
 def summarize(out: Path) -> dict:
     return dict(environment=read_environment(out), steps=read_steps(out),
-                tests=pytest_result(out, "tests"), sanitizer=pytest_result(out, "sanitizer"),
+                tests=pytest_result(out, "tests"), more_tests=pytest_result(out, "more-tests"),
+                sanitizer=pytest_result(out, "sanitizer"),
                 meta_step=[read_json(path) for path in sorted(out.glob("meta_step-*.json"))],
                 profiles=[read_json(path) for path in sorted(out.glob("profile-*.json"))],
                 kernels=read_json(out / "kernels.json") if (out / "kernels.json").exists() else None)
@@ -87,7 +88,7 @@ def report(summary: dict) -> list[str]:
     for step in summary["steps"]:
         lines.append(f"{step['name']:<28} {step['outcome']:<12} {step['seconds'] if step['seconds'] is not None else '-':>7} "
                      f"{step['limit'] if step['limit'] is not None else '-':>6}")
-    for name in ("tests", "sanitizer"):
+    for name in ("tests", "more_tests", "sanitizer"):
         result = summary[name]
         lines += [f"{name}: {result['summary'] if result else 'did not run'}"]
         lines += [f"  {line}" for line in (result["failures"] + result["sanitizer"] if result else [])]

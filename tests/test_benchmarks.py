@@ -98,11 +98,11 @@ def test_gpu_check_dry_run(tmp_path):
     summary = json.loads((tmp_path / "gpu.json").read_text())
     assert [step["name"] for step in summary["steps"]] == [
         "install", "info", "meta_step-omniglot-20w1s", "tests", "profile-omniglot-20w1s", "meta_step-omniglot-5w1s",
-        "meta_step-mini-imagenet-5w1s", "kernels", "sanitizer"]
+        "meta_step-mini-imagenet-5w1s", "kernels", "more-tests", "sanitizer"]
     assert all(step["outcome"] == "passed" for step in summary["steps"])
     if shutil.which("nvcc"):  # the toolkit nvcc reports, also where the nvcc on PATH is a wrapper script
         assert (Path(summary["environment"]["cuda_home"]) / "bin" / "nvcc").is_file()
-    assert "collected" in summary["tests"]["summary"] and "collected" in summary["sanitizer"]["summary"]
+    assert all("collected" in summary[name]["summary"] for name in ("tests", "more_tests", "sanitizer"))
     assert [run["rows"][0]["preset"] for run in summary["meta_step"]] == [
         "mini-imagenet-5w1s", "omniglot-20w1s", "omniglot-5w1s"]
     for run in summary["meta_step"]:
