@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mamlfast  # noqa: E402
 from mamlfast.files import write_json  # noqa: E402
 from mamlfast.train import eval_chunk  # noqa: E402
-from memory import peak_resident_bytes, reset_peak_resident, resident_bytes  # noqa: E402
+from memory import held_bytes, probe  # noqa: E402
 from timing import device_name, median, time_interleaved, versions  # noqa: E402
 
 
@@ -78,20 +77,7 @@ def build(args, configuration: str):
 
 def memory_probe(args) -> None:
     _, _, evaluate = build(args, args.memory_probe)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_resident()
-        before = resident_bytes()
-    evaluate()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        print(torch.cuda.max_memory_allocated(device) - before)
-    else:
-        print(peak_resident_bytes() - before)
+    print(held_bytes(evaluate, torch.device(args.device)))
 
 
 def peak_memory(args, configuration: str) -> int:
@@ -99,7 +85,7 @@ def peak_memory(args, configuration: str) -> int:
                "--tasks", str(args.tasks), "--device", args.device]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return probe(command)
 
 
 def main(argv=None) -> dict:

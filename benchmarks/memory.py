@@ -1,6 +1,13 @@
-"""Resident memory of this process on Linux: now, at its peak, and a reset of the peak."""
+"""Memory of this process: resident memory on Linux (now, at its peak, a reset of the peak), the
+peak memory a piece of work holds, and that measured in a fresh process."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+from typing import Callable
+
+import torch
 
 
 def resident_bytes() -> int:
@@ -26,3 +33,28 @@ def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith(field + ":"))
     return int(line.split()[1]) * 1024
+
+
+def held_bytes(work: Callable[[], object], device: torch.device) -> int:
+    """The most memory ``work()`` holds above what was held before it: on a GPU allocated by torch,
+    on the CPU resident."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        work()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not reset_peak_resident():
+        raise RuntimeError("cannot reset the resident-memory high-water mark (/proc/self/clear_refs)")
+    before = resident_bytes()
+    work()
+    return peak_resident_bytes() - before
+
+
+def probe(command: list[str], env: dict[str, str] | None = None) -> int:
+    """The number that ``command`` (a benchmark's memory probe, run in a fresh process) prints last."""
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {(result.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return int(result.stdout.split()[-1])

@@ -29,7 +29,6 @@ import ast
 import gc
 import os
 import signal
-import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from func_peer import FuncMAMLPlusPlus, meta_iteration  # noqa: E402
 from mamlfast.config import BACKENDS  # noqa: E402
 from mamlfast.files import write_json  # noqa: E402
 from mamlfast.step import MetaStep, make_optimizer  # noqa: E402
-from memory import peak_resident_bytes, reset_peak_resident, resident_bytes  # noqa: E402
+from memory import held_bytes, probe  # noqa: E402
 from tables import meta_step_table, profile_table  # noqa: E402
 from timing import device_name, median, one_line, time_interleaved, versions  # noqa: E402
 
@@ -182,31 +181,12 @@ def peak_memory(args, configuration: str) -> int:
             command += [option, str(value)]
     # A fixed threshold makes glibc return every freed block of 128 KiB or more at once, so that
     # resident memory follows the tensors alive, not what the allocator keeps from earlier peaks.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    probe = subprocess.run(command, capture_output=True, text=True, env=env)
-    if probe.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {(probe.stderr.strip().splitlines() or ['no message'])[-1]}")
-    return int(probe.stdout.split()[-1])
+    return probe(command, env=dict(MALLOC_MMAP_THRESHOLD_="131072"))
 
 
 def memory_probe(args) -> None:
     iterate, _ = build(args, args.memory_probe)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        if not reset_peak_resident():
-            raise RuntimeError("cannot reset the resident-memory high-water mark (/proc/self/clear_refs)")
-        before = resident_bytes()
-    for _ in range(args.warmup + 2):
-        iterate()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        print(torch.cuda.max_memory_allocated(device) - before)
-    else:
-        print(peak_resident_bytes() - before)
+    print(held_bytes(lambda: [iterate() for _ in range(args.warmup + 2)], torch.device(args.device)))
 
 
 def measure(args) -> dict:
