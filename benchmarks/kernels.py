@@ -1,7 +1,7 @@
 """Time of each hot op (forward, backward, double backward) per backend, and its bandwidth.
 
 Shapes are those of a meta-batch's support forward: the activations entering each stage's
-batch norm, [N*K, B*F, H, W], and the flat [B, P] buffer of the LSLR update. Every phase is
+batch norm and max pooling, [N*K, B*F, H, W], and the flat [B, P] buffer of the LSLR update. Every phase is
 timed through autograd, as the learner runs it. Achieved bandwidth counts the bytes each
 phase must move at least, and is compared with a device-to-device copy measured in the
 same run.
@@ -27,6 +27,8 @@ from timing import device_name, median, time_interleaved, versions  # noqa: E402
 # tensors of the activations' size each phase reads or writes, at least
 BN_TRAFFIC = {"forward": 2, "backward": 3, "double backward": 5}
 LSLR_TRAFFIC = {"forward": 3, "backward": 3}
+# the input or its gradient, and the pooled quarter; the byte per window of argmax is not counted
+MAX_POOL_TRAFFIC = {"forward": 1.25, "backward": 1.25, "double backward": 1.25}
 
 
 def parse_args(argv=None):
@@ -41,8 +43,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def batch_norm_shapes(cfg: mamlfast.MAMLConfig) -> list[tuple[int, int, int, int]]:
-    """[N*K, B*F, H, W] entering each stage's batch norm in the support forward."""
+def stage_shapes(cfg: mamlfast.MAMLConfig) -> list[tuple[int, int, int, int]]:
+    """[N*K, B*F, H, W] entering each stage's batch norm and max pooling in the support forward."""
     shapes, size = [], cfg.image_size
     for _ in range(cfg.num_stages):
         shapes.append((cfg.n_way * cfg.k_shot, cfg.meta_batch_size * cfg.num_filters, size, size))
@@ -50,13 +52,15 @@ def batch_norm_shapes(cfg: mamlfast.MAMLConfig) -> list[tuple[int, int, int, int
     return shapes
 
 
+def random_tensors(device):
+    """A function of sizes giving Gaussian tensors on ``device``, the same sequence every run."""
+    g = torch.Generator().manual_seed(0)
+    return lambda *size: torch.randn(*size, generator=g).to(device)
+
+
 def batch_norm_phases(backend, shape, channels, device):
     """Callables running the forward, backward and double backward of one batch norm."""
-    g = torch.Generator().manual_seed(0)
-
-    def tensor(*size):
-        return torch.randn(*size, generator=g).to(device)
-
+    tensor = random_tensors(device)
     x, weight, bias = tensor(*shape).requires_grad_(), (tensor(channels) + 2).requires_grad_(), tensor(channels)
     bias.requires_grad_()
     upstream = tensor(*shape).requires_grad_()
@@ -68,6 +72,21 @@ def batch_norm_phases(backend, shape, channels, device):
         "backward": lambda: torch.autograd.grad(out, (x, weight, bias), upstream, retain_graph=True),
         "double backward": lambda: torch.autograd.grad(first, (x, weight, upstream), second_upstream,
                                                        retain_graph=True, allow_unused=True),
+    }
+
+
+def max_pool_phases(backend, shape, device):
+    """Callables running the forward, backward and double backward of one max pooling."""
+    tensor = random_tensors(device)
+    x = tensor(*shape).requires_grad_()
+    out = ops.max_pool2x2(x, backend=backend)
+    upstream = tensor(*out.shape).requires_grad_()
+    (first,) = torch.autograd.grad(out, x, upstream, create_graph=True)
+    second_upstream = tensor(*shape)
+    return {
+        "forward": lambda: ops.max_pool2x2(x, backend=backend),
+        "backward": lambda: torch.autograd.grad(out, x, upstream, retain_graph=True),
+        "double backward": lambda: torch.autograd.grad(first, upstream, second_upstream, retain_graph=True),
     }
 
 
@@ -106,7 +125,10 @@ def main(argv=None) -> dict:
         cfg = mamlfast.MAMLConfig.preset(preset)
         cases = [(f"batch norm {list(shape)}", BN_TRAFFIC, shape[0] * shape[1] * shape[2] * shape[3],
                   {b: batch_norm_phases(b, shape, cfg.num_filters, device) for b in backends})
-                 for shape in batch_norm_shapes(cfg)]
+                 for shape in stage_shapes(cfg)]
+        cases += [(f"max pool {list(shape)}", MAX_POOL_TRAFFIC, shape[0] * shape[1] * shape[2] * shape[3],
+                   {b: max_pool_phases(b, shape, device) for b in backends})
+                  for shape in stage_shapes(cfg)]
         learner = mamlfast.MAMLPlusPlus(cfg)
         lslr = {b: lslr_phases(b, learner, cfg.meta_batch_size, device) for b in backends}
         numel = next(iter(lslr.values()))[1]

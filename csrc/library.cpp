@@ -1,7 +1,7 @@
 // The mamlfast operators (namespace mamlfast): one schema each, implemented per device by
-// batch_norm_cpu.cpp and lslr_cpu.cpp (CPU) and by bindings.cpp (CUDA), so that
-// torch.ops.mamlfast.* pick the kernel by the tensors' device and torch.library.opcheck can
-// check them. The module mamlfast._C exists only to load this library.
+// batch_norm_cpu.cpp, lslr_cpu.cpp and max_pool_cpu.cpp (CPU) and by bindings.cpp (CUDA; max
+// pooling has no CUDA kernels), so that torch.ops.mamlfast.* pick the kernel by the tensors'
+// device and torch.library.opcheck can check them. The module mamlfast._C exists only to load this library.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -14,6 +14,9 @@ TORCH_LIBRARY(mamlfast, m) {
         "Tensor gg_x, Tensor gg_weight, Tensor gg_bias) -> (Tensor, Tensor, Tensor)");
   m.def("segment_axpy(Tensor x, Tensor s, Tensor segment, Tensor? base) -> Tensor");
   m.def("segment_dot(Tensor x, Tensor y, Tensor segment, int segments) -> Tensor");
+  m.def("max_pool2x2_forward(Tensor x) -> (Tensor, Tensor)");
+  m.def("max_pool2x2_backward(Tensor grad_out, Tensor argmax, int height, int width) -> Tensor");
+  m.def("max_pool2x2_double_backward(Tensor gg_x, Tensor argmax) -> Tensor");
 }
 
 // An empty module: importing it loads the library, whose static initialisers register the operators.

@@ -5,7 +5,8 @@
 // What every implementation may then rely on: all tensors are contiguous and on x's device;
 // floating-point tensors are float32, float64, float16 or bfloat16, of x's dtype (statistics:
 // float64 for float64 activations, float32 otherwise); segment ids are int32 or int64 (their
-// values are checked by the kernels, which can see them); sizes agree as documented below.
+// values are checked by the kernels, which can see them); max pooling's argmax is uint8; sizes
+// agree as documented below.
 // Zero-size tensors are valid.
 #pragma once
 
@@ -142,6 +143,47 @@ inline void check_segment_dot(const at::Tensor& x, const at::Tensor& y, const at
   check_like_x(op, y, "y", x);
   TORCH_CHECK_VALUE(segments > 0 || (segments == 0 && x.size(1) == 0), op,
                     ": segments must be >= 1 (one more than the largest segment id), got ", segments);
+}
+
+// x [N, C, H, W] with H, W >= 2: at least one 2x2 window per plane.
+inline PoolShape check_max_pool2x2_forward(const at::Tensor& x) {
+  constexpr const char* op = "mamlfast::max_pool2x2_forward";
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, C, H, W], got ", x.sizes());
+  check_floating(op, x, "x");
+  TORCH_CHECK_VALUE(x.size(2) >= 2 && x.size(3) >= 2, op, ": x must be at least 2x2 to pool 2x2 windows, got ",
+                    x.sizes());
+  return {x.size(0) * x.size(1), x.size(2), x.size(3)};
+}
+
+// argmax [N, C, H / 2, W / 2] of bytes, as max_pool2x2_forward returns it for input [N, C, H, W].
+inline void check_argmax(const char* op, const at::Tensor& argmax, at::IntArrayRef windows, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(argmax.sizes() == windows, op, ": argmax must be [N, C, H / 2, W / 2] = ", windows, ", got ",
+                    argmax.sizes());
+  TORCH_CHECK_VALUE(argmax.scalar_type() == at::kByte, op, ": argmax must be uint8, got ", argmax.scalar_type());
+  check_memory(op, argmax, "argmax", like);
+}
+
+// grad_out [N, C, H / 2, W / 2] for an input of height H and width W.
+inline PoolShape check_max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& argmax, int64_t height,
+                                            int64_t width) {
+  constexpr const char* op = "mamlfast::max_pool2x2_backward";
+  TORCH_CHECK_VALUE(grad_out.dim() == 4, op, ": grad_out must be [N, C, H / 2, W / 2], got ", grad_out.sizes());
+  check_floating(op, grad_out, "grad_out");
+  TORCH_CHECK_VALUE(height >= 2 && width >= 2 && height / 2 == grad_out.size(2) && width / 2 == grad_out.size(3), op,
+                    ": an input of height ", height, " and width ", width, " does not pool to grad_out's ",
+                    grad_out.sizes());
+  check_argmax(op, argmax, grad_out.sizes(), grad_out);
+  return {grad_out.size(0) * grad_out.size(1), height, width};
+}
+
+// gg_x [N, C, H, W] like the pooling's input.
+inline PoolShape check_max_pool2x2_double_backward(const at::Tensor& gg_x, const at::Tensor& argmax) {
+  constexpr const char* op = "mamlfast::max_pool2x2_double_backward";
+  TORCH_CHECK_VALUE(gg_x.dim() == 4 && gg_x.size(2) >= 2 && gg_x.size(3) >= 2, op,
+                    ": gg_x must be [N, C, H, W] with H, W >= 2, got ", gg_x.sizes());
+  check_floating(op, gg_x, "gg_x");
+  check_argmax(op, argmax, {gg_x.size(0), gg_x.size(1), gg_x.size(2) / 2, gg_x.size(3) / 2}, gg_x);
+  return {gg_x.size(0) * gg_x.size(1), gg_x.size(2), gg_x.size(3)};
 }
 
 }  // namespace mamlfast::checks

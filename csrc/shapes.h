@@ -15,4 +15,15 @@ struct GroupShape {
   int64_t pixels;    // HW
 };
 
+// 2x2 max pooling with stride 2 of `planes` = N * C planes of height x width values: rows() x
+// columns() windows each (floor mode).
+struct PoolShape {
+  int64_t planes;
+  int64_t height;
+  int64_t width;
+
+  int64_t rows() const { return height / 2; }
+  int64_t columns() const { return width / 2; }
+};
+
 }  // namespace mamlfast

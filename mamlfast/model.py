@@ -129,7 +129,7 @@ class Backbone(nn.Module):
                 training=not use_running_stats, momentum=norm.momentum, eps=norm.eps, backend=backend)
             # Pooling first gives the same values and gradients (the leaky ReLU is increasing, so it commutes
             # with a max) for a quarter of the ReLU's work and one full-size activation fewer kept for backward.
-            x = F.leaky_relu(F.max_pool2d(x, 2), LEAKY_RELU_SLOPE)
+            x = F.leaky_relu(ops.max_pool2x2(x, backend=backend), LEAKY_RELU_SLOPE)
         head_weight, head_bias = params[-2], params[-1]
         # [M, B*F, h, w] -> [B, M, F*h*w]
         features = x.reshape(x.shape[0], tasks, -1).transpose(0, 1)

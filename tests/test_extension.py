@@ -13,7 +13,8 @@ from mamlfast import ops
 from mamlfast.ops.extension import cuda_kernels_error, load_error
 
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward", "segment_axpy", "segment_dot")
+OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward", "segment_axpy", "segment_dot",
+             "max_pool2x2_forward", "max_pool2x2_backward", "max_pool2x2_double_backward")
 
 
 @pytest.fixture
@@ -88,7 +89,8 @@ def cpu_kernels(extension):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_kernels_are_bitwise_reproducible_for_any_number_of_threads(cpu_kernels, dtype):
     """Each group's and each segment's sums are added in an order fixed by the shape: sizes here
-    split the work differently for 1, 2 and 3 threads (32 groups of 4374 values; 3 chunks of columns)."""
+    split the work differently for 1, 2 and 3 threads (32 groups of 4374 values; 3 chunks of columns;
+    192 planes to pool)."""
     g = torch.Generator().manual_seed(0)
     x, dy, ggx = (torch.randn(6, 32, 27, 27, generator=g, dtype=dtype) * 2 + 1 for _ in range(3))
     weight, bias = torch.rand(4, generator=g, dtype=dtype) + 0.5, torch.randn(4, generator=g, dtype=dtype)
@@ -97,10 +99,13 @@ def test_cpu_kernels_are_bitwise_reproducible_for_any_number_of_threads(cpu_kern
 
     def run():
         y, mean, var, rstd = torch.ops.mamlfast.batch_norm_forward(x, weight, bias, 1e-5)
+        pooled, argmax = torch.ops.mamlfast.max_pool2x2_forward(x)
         return [y, mean, var, rstd, *torch.ops.mamlfast.batch_norm_backward(dy, x, weight, mean, rstd),
                 *torch.ops.mamlfast.batch_norm_double_backward(dy, x, weight, mean, rstd, ggx, weight, bias),
                 torch.ops.mamlfast.segment_axpy(flat, weight, segment, other),
-                torch.ops.mamlfast.segment_dot(flat, other, segment, 4)]
+                torch.ops.mamlfast.segment_dot(flat, other, segment, 4), pooled, argmax,
+                torch.ops.mamlfast.max_pool2x2_backward(pooled, argmax, 27, 27),
+                torch.ops.mamlfast.max_pool2x2_double_backward(ggx, argmax)]
 
     threads = torch.get_num_threads()
     try:

@@ -1,8 +1,10 @@
-"""The hot ops of a task-batched meta-iteration, each one function with a ``backend`` argument."""
+"""The hot ops of a task-batched meta-iteration, and the backbone's pooling, each one function with a
+``backend`` argument."""
 
 from .backends import OP_BACKENDS, BackendUnavailable, availability, resolve
 from .batch_norm import task_batch_norm
 from .lslr import lslr_update, segment_ids_for
+from .max_pool import max_pool2x2
 
 __all__ = ["OP_BACKENDS", "BackendUnavailable", "availability", "resolve",
-           "task_batch_norm", "lslr_update", "segment_ids_for"]
+           "task_batch_norm", "lslr_update", "segment_ids_for", "max_pool2x2"]

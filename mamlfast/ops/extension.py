@@ -85,3 +85,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mamlfast::segment_dot")
     def _(x, y, segment, segments):
         return x.new_empty(segments)
+
+    def windows(x):
+        return (*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2)
+
+    @torch.library.register_fake("mamlfast::max_pool2x2_forward")
+    def _(x):
+        return x.new_empty(windows(x)), x.new_empty(windows(x), dtype=torch.uint8)
+
+    @torch.library.register_fake("mamlfast::max_pool2x2_backward")
+    def _(grad_out, argmax, height, width):
+        return grad_out.new_empty(*grad_out.shape[:2], height, width)
+
+    @torch.library.register_fake("mamlfast::max_pool2x2_double_backward")
+    def _(gg_x, argmax):
+        return gg_x.new_empty(windows(gg_x))
