@@ -10,11 +10,10 @@ import torch
 
 from conftest import DEVICE
 from mamlfast import ops
-from mamlfast.ops.extension import cuda_kernels_error, load_error
+from mamlfast.ops import extension as extension_module
+from mamlfast.ops.extension import OPERATORS, cuda_kernels_error, load_error
 
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward", "segment_axpy", "segment_dot",
-             "max_pool2x2_forward", "max_pool2x2_backward", "max_pool2x2_double_backward")
 
 
 @pytest.fixture
@@ -30,6 +29,17 @@ def test_extension_loads_and_registers_its_operators(extension):
     for name in OPERATORS:
         assert hasattr(torch.ops.mamlfast, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlfast::{name}", "CPU")
+
+
+def test_an_extension_older_than_the_python_code_is_named_as_the_reason(extension, monkeypatch):
+    monkeypatch.setattr(extension_module, "OPERATORS", OPERATORS + ("operator_of_a_later_version",))
+    extension_module.load_error.cache_clear()
+    try:
+        assert extension_module.load_error() == (
+            "the extension mamlfast._C is older than mamlfast's Python code (it has no operator "
+            f"mamlfast::operator_of_a_later_version): {extension_module.REINSTALL}")
+    finally:
+        extension_module.load_error.cache_clear()
 
 
 def test_the_cuda_kernels_are_built_where_expected():

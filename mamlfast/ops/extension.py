@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 
 BUILD_RECORD = Path(__file__).parent.parent / "_build.json"
+REINSTALL = "reinstall mamlfast with pip install --no-build-isolation -e . from its source folder"
+# the operators torch.ops.mamlfast.* that the Python code calls, each with a CPU kernel
+OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward", "segment_axpy",
+             "segment_dot", "max_pool2x2_forward", "max_pool2x2_backward", "max_pool2x2_double_backward")
 
 
 @functools.cache
@@ -19,6 +23,11 @@ def load_error() -> str | None:
         from .. import _C  # noqa: F401
     except ImportError as error:
         return _why_not_loaded(error, build_record())
+    # an editable install whose sources moved on since it was built
+    missing = [name for name in OPERATORS if not hasattr(torch.ops.mamlfast, name)]
+    if missing:
+        return (f"the extension mamlfast._C is older than mamlfast's Python code (it has no operator "
+                f"mamlfast::{missing[0]}): {REINSTALL}")
     _register_fakes()
     return None
 
@@ -32,16 +41,15 @@ def build_record() -> dict | None:
 
 
 def _why_not_loaded(error: ImportError, record: dict | None) -> str:
-    reinstall = "reinstall mamlfast with pip install --no-build-isolation -e . from its source folder"
     if record is None:
-        return f"the extension mamlfast._C is not built (mamlfast was installed without a build record): {reinstall}"
+        return f"the extension mamlfast._C is not built (mamlfast was installed without a build record): {REINSTALL}"
     if record.get("extension") is None:
         return f"the extension mamlfast._C is not built: {record.get('reason')}"
     if record.get("torch") != torch.__version__:
         return (f"the extension mamlfast._C was built for torch {record.get('torch')}, running torch "
-                f"{torch.__version__}: {reinstall}")
+                f"{torch.__version__}: {REINSTALL}")
     if "No module named" in str(error):
-        return f"the extension's build did not complete (mamlfast._C is missing): {reinstall}"
+        return f"the extension's build did not complete (mamlfast._C is missing): {REINSTALL}"
     return f"the extension mamlfast._C did not load ({error})"
 
 
@@ -61,6 +69,7 @@ def require() -> None:
         raise ImportError(error)
 
 
+@functools.cache  # once per process: a second registration is an error
 def _register_fakes() -> None:
     """Shapes of each op's outputs for meta tensors, so torch.library.opcheck and compilers can trace them."""
     def statistics(x):
