@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -25,7 +26,11 @@ ROOT = Path(__file__).parent
 BUILD_RECORD = ROOT / "mamlfast" / "_build.json"
 CONVENTIONAL_TOOLKIT = Path("/usr/local/cuda")
 REINSTALL = "then reinstall mamlfast with pip install --no-build-isolation -e ."
-CXX_FLAGS = ["/O2"] if os.name == "nt" else ["-O3"]
+# at::parallel_for, which the CPU kernels use, runs on torch's threads only in code compiled with
+# OpenMP: on Linux the extension is, and shares the libgomp that torch loads; elsewhere its CPU
+# kernels run on one thread.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS = ["/O2"] if os.name == "nt" else ["-O3", *OPENMP_FLAGS]
 
 
 def say(message: str) -> None:
@@ -158,7 +163,8 @@ def extension_build():
 
         say(f"building the extension's CPU kernels only (backend='cuda' will be unavailable): {how}")
         write_build_record(dict(extension="cpu", reason=how, torch=torch.__version__))
-        extension = CppExtension("mamlfast._C", sources=cpu_sources, extra_compile_args=CXX_FLAGS)
+        extension = CppExtension("mamlfast._C", sources=cpu_sources, extra_compile_args=CXX_FLAGS,
+                                 extra_link_args=OPENMP_FLAGS)
         return [extension], {"build_ext": BuildExtension}
     # torch.utils.cpp_extension reads the toolkit from CUDA_HOME when it is first imported
     os.environ["CUDA_HOME"] = str(toolkit)
@@ -170,7 +176,8 @@ def extension_build():
     write_build_record(dict(extension="cuda", toolkit=str(toolkit), torch=torch.__version__))
     extension = CUDAExtension(
         "mamlfast._C", sources=cpu_sources + cuda_sources,
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]})
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+        extra_link_args=OPENMP_FLAGS)
     return [extension], {"build_ext": BuildExtension}
 
 

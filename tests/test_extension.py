@@ -4,6 +4,8 @@ reproducible for any number of threads, and bad arguments get one-line errors. I
 tested with the other fused backends' in test_fused_backends.py."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +96,14 @@ def test_operators_pass_opcheck(extension, device):
 def cpu_kernels(extension):
     if ops.availability(torch.device("cpu"))["cpp"]:
         pytest.skip(ops.availability(torch.device("cpu"))["cpp"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP is used on Linux only")
+def test_cpu_kernels_are_compiled_to_run_on_torchs_threads(cpu_kernels):
+    """at::parallel_for runs its loop on one thread in code compiled without OpenMP, silently."""
+    import mamlfast._C
+    binary = Path(mamlfast._C.__file__).read_bytes()
+    assert b"GOMP_parallel" in binary or b"__kmpc_fork_call" in binary, "mamlfast._C has no OpenMP parallel region"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
