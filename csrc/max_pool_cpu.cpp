@@ -49,6 +49,12 @@ struct Windows : PoolShape {
   std::array<int64_t, 4> code_offsets() const { return {0, 1, width, width + 1}; }
 };
 
+// The offset a code of argmax stands for; codes come from the forward, but the operators are public.
+inline int64_t code_offset(const std::array<int64_t, 4>& offsets, uint8_t code) {
+  TORCH_CHECK_VALUE(code < 4, "mamlfast: max pooling's argmax codes must lie in [0, 4), got ", int(code));
+  return offsets[code];
+}
+
 // The forward's loop holds each window's code as int32: with bytes in it, the compiler
 // vectorises 16 windows at a time, which Omniglot's rows of 14 windows never fill, and its scalar
 // fallback branches on the comparisons, which random data mispredicts (5 times slower).
@@ -100,7 +106,8 @@ void backward_kernel(const Windows& s, const T* grad_out, const uint8_t* argmax,
       T* top = plane_grad + 2 * i * s.width;
       const int64_t windows = s.window_offset(plane) + i * s.columns();
       // + 0 as PyTorch's kernel adds the gradient to a zero: a gradient of -0 becomes +0
-      for (int64_t j = 0; j < s.columns(); ++j) top[2 * j + offsets[argmax[windows + j]]] = grad_out[windows + j] + T(0);
+      for (int64_t j = 0; j < s.columns(); ++j)
+        top[2 * j + code_offset(offsets, argmax[windows + j])] = grad_out[windows + j] + T(0);
     }
   });
 }
@@ -113,7 +120,7 @@ void double_backward_kernel(const Windows& s, const T* gg_x, const uint8_t* argm
     for (int64_t i = 0; i < s.rows(); ++i) {
       const T* top = plane_gg + 2 * i * s.width;
       const int64_t windows = s.window_offset(plane) + i * s.columns();
-      for (int64_t j = 0; j < s.columns(); ++j) out[windows + j] = top[2 * j + offsets[argmax[windows + j]]];
+      for (int64_t j = 0; j < s.columns(); ++j) out[windows + j] = top[2 * j + code_offset(offsets, argmax[windows + j])];
     }
   });
 }

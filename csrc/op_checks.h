@@ -5,8 +5,8 @@
 // What every implementation may then rely on: all tensors are contiguous and on x's device;
 // floating-point tensors are float32, float64, float16 or bfloat16, of x's dtype (statistics:
 // float64 for float64 activations, float32 otherwise); segment ids are int32 or int64 (their
-// values are checked by the kernels, which can see them); max pooling's argmax is uint8; sizes
-// agree as documented below.
+// values are checked by the kernels, which can see them); max pooling's argmax is uint8 (its
+// codes, too, are checked by the kernels); sizes agree as documented below.
 // Zero-size tensors are valid.
 #pragma once
 

@@ -125,6 +125,16 @@ def _operator_cases():
     ]
 
 
+def test_operators_refuse_argmax_codes_out_of_range(cpu_kernels):
+    x = torch.randn(2, 3, 4, 4)
+    _, argmax = torch.ops.mamlfast.max_pool2x2_forward(x)
+    argmax[1, 2, 1, 0] = 4
+    with pytest.raises(ValueError, match=r"argmax codes must lie in \[0, 4\), got 4"):
+        torch.ops.mamlfast.max_pool2x2_backward(torch.ones(2, 3, 2, 2), argmax, 4, 4)
+    with pytest.raises(ValueError, match=r"argmax codes must lie in \[0, 4\), got 4"):
+        torch.ops.mamlfast.max_pool2x2_double_backward(x, argmax)
+
+
 @pytest.mark.parametrize("op, args, message", _operator_cases(), ids=lambda case: case if isinstance(case, str) else "")
 def test_operators_refuse(cpu_kernels, op, args, message):
     with pytest.raises(ValueError, match=message) as error:
