@@ -46,13 +46,7 @@ SPLIT_CASES = ([("triton", shape, True) for shape in [(3, 2, 1, 5), (7, 1, 1, 3)
 
 @pytest.mark.parametrize("backend, shape, forced", SPLIT_CASES, ids=_case_id)
 def test_batch_norm_over_split_groups_matches_torch_to_second_order(backend, shape, forced, monkeypatch):
-    _require(backend)
-    if forced:
-        _force_triton_split(monkeypatch)
-    inputs = _inputs(shape, torch.float64)
-    names = ["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"]
-    for name, fused, reference in zip(names, _derivatives(backend, *inputs), _derivatives("torch", *inputs)):
-        torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-9, msg=name)
+    _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, torch.float64, 1e-9)
 
 
 @pytest.mark.parametrize("backend, shape, forced", [("triton", (2, 1, 3, 4), True), ("cuda", (9, 1, 3, 28), False),
@@ -60,13 +54,18 @@ def test_batch_norm_over_split_groups_matches_torch_to_second_order(backend, sha
                          ids=_case_id)
 def test_batch_norm_float32_runs_over_split_groups(backend, shape, forced, monkeypatch):
     """float32 loads runs of 4 values (16 bytes) where HW allows."""
+    _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, torch.float32, 1e-4)
+
+
+def _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, dtype, tolerance):
+    """Values, first and second derivatives of ``backend``'s batch norm against torch's."""
     _require(backend)
     if forced:
         _force_triton_split(monkeypatch)
-    inputs = _inputs(shape, torch.float32)
+    inputs = _inputs(shape, dtype)
     names = ["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"]
     for name, fused, reference in zip(names, _derivatives(backend, *inputs), _derivatives("torch", *inputs)):
-        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
