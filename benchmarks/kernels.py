@@ -1,10 +1,11 @@
 """Time of each hot op (forward, backward, double backward) per backend, and its bandwidth.
 
 Shapes are those of a meta-batch's support forward: the activations entering each stage's
-batch norm and max pooling, [N*K, B*F, H, W], and the flat [B, P] buffer of the LSLR update. Every phase is
-timed through autograd, as the learner runs it. Achieved bandwidth counts the bytes each
-phase must move at least, and is compared with a device-to-device copy measured in the
-same run.
+batch norm and max pooling, [N*K, B*F, H, W], each stage's grouped convolution, and the flat
+[B, P] buffer of the LSLR update. Every phase is timed through autograd, as the learner runs it.
+Achieved bandwidth counts the bytes each phase must move at least, and is compared with a
+device-to-device copy measured in the same run; the convolutions, bound by arithmetic, get no
+bandwidth.
 
     python benchmarks/kernels.py --presets omniglot-20w1s,mini-imagenet-5w1s --json out.json
 """
@@ -29,6 +30,7 @@ BN_TRAFFIC = {"forward": 2, "backward": 3, "double backward": 5}
 LSLR_TRAFFIC = {"forward": 3, "backward": 3}
 # the input or its gradient, and the pooled quarter; the byte per window of argmax is not counted
 MAX_POOL_TRAFFIC = {"forward": 1.25, "backward": 1.25, "double backward": 1.25}
+CONV_PHASES = {"forward": None, "backward": None, "double backward": None}
 
 
 def parse_args(argv=None):
@@ -90,6 +92,31 @@ def max_pool_phases(backend, shape, device):
     }
 
 
+def conv_phases(backend, cfg, stage, device):
+    """Callables running the forward, backward and double backward of stage ``stage``'s grouped convolution."""
+    tensor = random_tensors(device)
+    samples, out_channels, size, _ = stage_shapes(cfg)[stage]
+    tasks, in_channels = cfg.meta_batch_size, cfg.image_channels if stage == 0 else cfg.num_filters
+    x = tensor(samples, tasks * in_channels, size, size)
+    weight, bias = tensor(out_channels, in_channels, 3, 3).requires_grad_(), tensor(out_channels).requires_grad_()
+    # the images need no gradient; later stages' inputs do
+    inputs = (weight, bias) if stage == 0 else (x.requires_grad_(), weight, bias)
+
+    def forward():
+        return ops.grouped_conv2d(x, weight, bias, padding=1, groups=tasks, backend=backend)
+
+    out = forward()
+    upstream = tensor(*out.shape).requires_grad_()
+    first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
+    second_upstream = [tensor(*t.shape) for t in first]
+    return {
+        "forward": forward,
+        "backward": lambda: torch.autograd.grad(out, inputs, upstream, retain_graph=True),
+        "double backward": lambda: torch.autograd.grad(first, inputs[:-1] + (upstream,), second_upstream,
+                                                       retain_graph=True, allow_unused=True),
+    }
+
+
 def lslr_phases(backend, learner, tasks, device):
     sizes = [p.numel() for p in learner.net.adapted_parameters().values()]
     segments = ops.segment_ids_for(sizes, device)
@@ -132,22 +159,27 @@ def main(argv=None) -> dict:
             cases += [(f"max pool {list(shape)}", MAX_POOL_TRAFFIC, shape[0] * shape[1] * shape[2] * shape[3],
                        {b: max_pool_phases(b, shape, device) for b in pool_backends})
                       for shape in stage_shapes(cfg)]
+            # likewise for the convolution's second derivative
+            cases += [(f"conv {list(shape)}", CONV_PHASES, shape[0] * shape[1] * shape[2] * shape[3],
+                       {b: conv_phases(b, cfg, stage, device) for b in pool_backends})
+                      for stage, shape in enumerate(stage_shapes(cfg))]
         learner = mamlfast.MAMLPlusPlus(cfg)
         lslr = {b: lslr_phases(b, learner, cfg.meta_batch_size, device) for b in backends}
         numel = next(iter(lslr.values()))[1]
         cases.append((f"lslr update [{cfg.meta_batch_size}, {numel // cfg.meta_batch_size}]", LSLR_TRAFFIC, numel,
                       {b: phases for b, (phases, _) in lslr.items()}))
         for op, traffic, numel, per_backend in cases:
-            copy = copy_ms(numel, device, args.repeats, args.warmup)
-            copy_bandwidth = 2 * numel * 4 / copy / 1e6  # GB/s: read and write of float32
+            if any(traffic.values()):
+                copy = copy_ms(numel, device, args.repeats, args.warmup)
+                copy_bandwidth = 2 * numel * 4 / copy / 1e6  # GB/s: read and write of float32
             for phase, tensors in traffic.items():
                 calls = {b: phases[phase] for b, phases in per_backend.items()}
                 times = time_interleaved(calls, device, args.repeats, args.warmup)
                 for backend, values in times.items():
                     ms = median(values)
-                    bandwidth = tensors * numel * 4 / ms / 1e6
+                    bandwidth = tensors * numel * 4 / ms / 1e6 if tensors else None
                     rows.append(dict(preset=preset, op=op, phase=phase, backend=backend, median_ms=ms,
-                                     gb_per_s=bandwidth, fraction_of_copy=bandwidth / copy_bandwidth,
+                                     gb_per_s=bandwidth, fraction_of_copy=bandwidth / copy_bandwidth if tensors else None,
                                      speedup_over_torch=median(times["torch"]) / ms if "torch" in times else None))
     result = dict(device=device_name(device), **versions(), threads=torch.get_num_threads(),
                   repeats=args.repeats, rows=rows)
@@ -163,8 +195,9 @@ def print_table(result: dict) -> None:
     print(f"{'preset':<19} {'op':<34} {'phase':<16} {'backend':<7} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'vs torch':>9}")
     for r in result["rows"]:
         speedup = f"{r['speedup_over_torch']:.2f}x" if r["speedup_over_torch"] else ""
+        bandwidth = f"{r['gb_per_s']:>7.1f} {r['fraction_of_copy']:>7.0%}" if r["gb_per_s"] else f"{'':>7} {'':>8}"
         print(f"{r['preset']:<19} {r['op']:<34} {r['phase']:<16} {r['backend']:<7} {r['median_ms']:>8.3f} "
-              f"{r['gb_per_s']:>7.1f} {r['fraction_of_copy']:>7.0%} {speedup:>9}")
+              f"{bandwidth} {speedup:>9}")
 
 
 if __name__ == "__main__":

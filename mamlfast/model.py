@@ -117,8 +117,8 @@ class Backbone(nn.Module):
         for i, norm in enumerate(self.norms()):
             weight, bias = params[2 * i], params[2 * i + 1]
             # [B, F, C_in, 3, 3] -> [B*F, C_in, 3, 3]: one grouped convolution for all tasks
-            x = F.conv2d(x, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1),
-                         padding=1, groups=tasks)
+            x = ops.grouped_conv2d(x, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1),
+                                   padding=1, groups=tasks, backend=backend)
             gamma, beta, running_mean, running_var = norm.at(step)
             keep_stats = use_running_stats or track_running_stats
             if track_running_stats and self.running_stats_holds:

@@ -3,8 +3,9 @@
 
 from .backends import OP_BACKENDS, BackendUnavailable, availability, resolve
 from .batch_norm import task_batch_norm
+from .conv import grouped_conv2d
 from .lslr import lslr_update, segment_ids_for
 from .max_pool import max_pool2x2
 
 __all__ = ["OP_BACKENDS", "BackendUnavailable", "availability", "resolve",
-           "task_batch_norm", "lslr_update", "segment_ids_for", "max_pool2x2"]
+           "task_batch_norm", "grouped_conv2d", "lslr_update", "segment_ids_for", "max_pool2x2"]
