@@ -14,6 +14,19 @@ import mamlfast  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_of(backend: str) -> str:
+    """Where an op backend's tests run: the cpp backend on CPU tensors, the others on DEVICE."""
+    return "cpu" if backend == "cpp" else DEVICE
+
+
+def usable(backend: str) -> str:
+    """``backend``, or a skip saying why it cannot run here."""
+    reason = mamlfast.ops.availability(torch.device(device_of(backend)))[backend]
+    if reason:
+        pytest.skip(reason)
+    return backend
+
+
 def random_batch(cfg: mamlfast.MAMLConfig, tasks: int, *, dtype=torch.float64, seed: int = 0,
                  device: str = "cpu") -> mamlfast.TaskBatch:
     """B tasks of Gaussian images; labels 0..N-1 in a different shuffled order per task."""

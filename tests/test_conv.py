@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import DEVICE
+from conftest import device_of, usable
 from mamlfast import ops
 
 # (N, groups, C_in, C_out, H, W, kernel, padding): the backbone's stages, then odd ones
@@ -16,16 +16,9 @@ SHAPES = [(5, 4, 1, 3, 6, 6, 3, 1), (3, 3, 2, 5, 5, 7, 3, 1), (1, 1, 3, 2, 4, 3,
           (4, 5, 2, 2, 3, 5, 1, 0)]
 
 
-def device_of(backend: str) -> str:
-    return "cpu" if backend == "cpp" else DEVICE
-
-
 @pytest.fixture(params=["torch", "cpp", "triton", "cuda"])
 def backend(request):
-    reason = ops.availability(torch.device(device_of(request.param)))[request.param]
-    if reason:
-        pytest.skip(reason)
-    return request.param
+    return usable(request.param)
 
 
 def _inputs(shape, dtype, device, *, bias=True, seed=0):

@@ -12,21 +12,14 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import mamlfast
-from conftest import DEVICE, perturbed_learner, random_batch, relative_errors, with_backend
+from conftest import DEVICE, device_of, perturbed_learner, random_batch, relative_errors, usable, with_backend
 from mamlfast import ops
-
-
-
-def device_of(backend: str) -> str:
-    return "cpu" if backend == "cpp" else DEVICE
 
 
 @pytest.fixture(params=["cpp", "triton", "cuda"])
 def backend(request):
-    reason = ops.availability(torch.device(device_of(request.param)))[request.param]
-    if reason:
-        pytest.skip(reason)
-    return request.param
+    return usable(request.param)
+
 
 # (samples N, tasks B, channels C, side H=W): odd sizes, one sample, one task, one pixel, and
 # groups of 6*27*27 = 4374 values, beyond one block (2048) and the one-pass forward (4096)

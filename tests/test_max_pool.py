@@ -8,20 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import DEVICE
+from conftest import device_of, usable
 from mamlfast import ops
-
-
-def device_of(backend: str) -> str:
-    return "cpu" if backend == "cpp" else DEVICE
 
 
 @pytest.fixture(params=["torch", "cpp", "triton", "cuda"])
 def backend(request):
-    reason = ops.availability(torch.device(device_of(request.param)))[request.param]
-    if reason:
-        pytest.skip(reason)
-    return request.param
+    return usable(request.param)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""The hot ops of a task-batched meta-iteration, and the backbone's pooling, each one function with a
-``backend`` argument."""
+"""The hot ops of a task-batched meta-iteration, and the backbone's convolution and pooling, each
+one function with a ``backend`` argument."""
 
 from .backends import OP_BACKENDS, BackendUnavailable, availability, resolve
 from .batch_norm import task_batch_norm
