@@ -33,13 +33,12 @@ class _Conv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, padding, groups):
         ctx.save_for_backward(x, weight)
         ctx.geometry = (padding, groups)
-        ctx.has_bias = bias is not None
         return F.conv2d(x, weight, bias, padding=padding, groups=groups)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        wanted = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
+        wanted = tuple(ctx.needs_input_grad[:3])  # a missing bias needs no gradient
         grad_x, grad_weight, grad_bias = _Conv2dBackward.apply(grad_out, x, weight, ctx.geometry, wanted)
         return grad_x, grad_weight, grad_bias, None, None
 
