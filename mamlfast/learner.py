@@ -115,12 +115,23 @@ class MAMLPlusPlus(nn.Module):
 
     def second_order_bytes(self, batch: TaskBatch, query_steps: tuple[int, ...]) -> int:
         """Estimated memory that the graph of a second-order meta-forward of ``batch`` keeps
-        without recomputation: the tensors autograd saves, counted in a run of the torch backend
-        on the meta device (shapes only, no memory)."""
-        shadow = MAMLPlusPlus(self.cfg.replace(backend="torch", recompute=False)).to("meta", batch.x_support.dtype)
+        without recomputation: the tensors autograd saves, counted in a dry run on the meta device
+        (shapes only, no memory) of the backend that runs on ``batch``'s device."""
+        shadow = MAMLPlusPlus(self.cfg.replace(backend=self._traced_backend(batch.x_support.device), recompute=False))
+        shadow = shadow.to("meta", batch.x_support.dtype)
         meta_batch = TaskBatch(*(torch.empty_like(t, device="meta") for t in batch.tensors()))
         weights = [1.0] * self.cfg.inner_steps
         return recompute.saved_bytes(lambda: shadow.meta_forward(meta_batch, weights, query_steps, True))
+
+    def _traced_backend(self, device: torch.device) -> str:
+        """The backend whose dry run on the meta device saves what ``cfg.backend`` saves on ``device``.
+
+        Triton's autograd Functions are the cuda backend's, with other kernels; without the
+        extension, the torch backend's dry run saves more than the fused backends, never less.
+        """
+        running = ops.resolve(self.cfg.backend, device)
+        traced = "cuda" if running == "triton" else running
+        return traced if ops.availability(torch.device("meta"))[traced] is None else "torch"
 
     def _recomputes(self, batch: TaskBatch, query_steps: tuple[int, ...]) -> bool:
         """Whether second-order meta-forwards of batches like ``batch`` recompute their inner steps.

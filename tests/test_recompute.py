@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mamlfast
-from conftest import DEVICE, meta_iteration, perturbed_learner, random_batch, relative_errors, with_backend
+from conftest import (DEVICE, device_of, meta_iteration, perturbed_learner, random_batch, relative_errors, usable,
+                      with_backend)
 from mamlfast import checkpoints, ops, recompute
 from mamlfast.cli import build_parser
 from mamlfast.learner import MAMLPlusPlus
@@ -179,14 +180,17 @@ def test_first_order_iterations_do_not_recompute(small_cfg, monkeypatch):
     assert len(forwards.calls) == cfg.inner_steps + cfg.inner_steps  # support and (MSL) query forwards
 
 
-def test_the_estimate_counts_what_the_graph_saves(small_cfg):
-    """The dry run on the meta device saves exactly the tensors a real run saves."""
-    learner = perturbed_learner(small_cfg.replace(backend="torch"), dtype=torch.float32)
-    batch = random_batch(small_cfg, 2, dtype=torch.float32)
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_the_estimate_counts_what_the_graph_saves(small_cfg, backend):
+    """The dry run on the meta device saves exactly the tensors a real run of the backend saves
+    (Triton's traced as the extension's, whose autograd Functions it shares)."""
+    device = device_of(usable(backend))
+    learner = perturbed_learner(small_cfg.replace(backend=backend), dtype=torch.float32).to(device)
+    batch = random_batch(small_cfg, 2, dtype=torch.float32, device=device)
     steps = (0, 1, 2)
     real = recompute.saved_bytes(lambda: learner.meta_forward(batch, [1.0] * 3, steps, True))
     assert learner.second_order_bytes(batch, steps) == real
-    double = random_batch(small_cfg, 4, dtype=torch.float32)
+    double = random_batch(small_cfg, 4, dtype=torch.float32, device=device)
     assert learner.second_order_bytes(double, steps) > 1.9 * real
 
 

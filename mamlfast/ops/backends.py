@@ -36,6 +36,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run the ops on tensors on ``device``, else why it cannot."""
     if backend == "torch":
         return None
+    if device.type == "meta" and backend in OP_BACKENDS:
+        return _meta_reason(backend)
     if backend == "triton":
         if _triton_import_error():
             return _triton_import_error()
@@ -58,6 +60,15 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"the cuda backend needs CUDA tensors, got {device.type} ones (backend='cpp' runs the CPU kernels)"
         return None
     return f"unknown backend {backend!r}; choose one of auto, {', '.join(OP_BACKENDS)}"
+
+
+def _meta_reason(backend: str) -> str | None:
+    """Meta tensors (shapes only, for dry runs) go through the extension's operators as through
+    their fake kernels, so cpp and cuda trace them wherever the extension loads; Triton's launch."""
+    if backend == "triton":
+        return "Triton kernels cannot run on meta tensors (trace the cuda backend: it saves the same tensors)"
+    from .extension import load_error
+    return load_error()
 
 
 def resolve(backend: str, device: torch.device) -> str:
