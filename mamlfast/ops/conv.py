@@ -4,7 +4,8 @@ Every backend computes ``F.conv2d(x, weight, bias, padding=padding, groups=group
 derivatives of every order. They differ in the second derivative, which second-order MAML needs
 at every inner step. PyTorch's (``_convolution_double_backward``) computes the weight's part one
 group at a time, from transposed copies of its inputs, and the input's part as a transposed
-convolution; on the CPU that is a quarter to a third of the convolutions' time. The ``cpp``
+convolution; on the CPU that was about a quarter of the convolutions' time at omniglot-5w1s
+(benchmarks/RESULTS.md). The ``cpp``
 backend states the second derivative as two grouped ``convolution_backward`` calls and two
 grouped convolutions (_Conv2dBackward), the same maths in the same grouped primitives as the
 forward and backward. On CUDA tensors every backend runs PyTorch's until a GPU has measured both.
