@@ -178,8 +178,9 @@ def main(argv=None) -> dict:
                 for backend, values in times.items():
                     ms = median(values)
                     bandwidth = tensors * numel * 4 / ms / 1e6 if tensors else None
+                    of_copy = bandwidth / copy_bandwidth if tensors else None
                     rows.append(dict(preset=preset, op=op, phase=phase, backend=backend, median_ms=ms,
-                                     gb_per_s=bandwidth, fraction_of_copy=bandwidth / copy_bandwidth if tensors else None,
+                                     gb_per_s=bandwidth, fraction_of_copy=of_copy,
                                      speedup_over_torch=median(times["torch"]) / ms if "torch" in times else None))
     result = dict(device=device_name(device), **versions(), threads=torch.get_num_threads(),
                   repeats=args.repeats, rows=rows)

@@ -11,7 +11,8 @@ from torch.autograd import gradcheck, gradgradcheck
 from conftest import device_of, usable
 from mamlfast import ops
 
-# (N, groups, C_in, C_out, H, W, kernel, padding): the backbone's stages, then odd ones
+# (N, groups, C_in, C_out, H, W, kernel, padding): like the backbone's first stage and a later one
+# (a 3x3 kernel, padding 1), then odd sizes, no padding, a 1x1 kernel
 SHAPES = [(5, 4, 1, 3, 6, 6, 3, 1), (3, 3, 2, 5, 5, 7, 3, 1), (1, 1, 3, 2, 4, 3, 3, 0), (2, 2, 1, 1, 1, 1, 3, 1),
           (4, 5, 2, 2, 3, 5, 1, 0)]
 

@@ -5,10 +5,10 @@ derivatives of every order. They differ in the second derivative, which second-o
 at every inner step. PyTorch's (``_convolution_double_backward``) computes the weight's part one
 group at a time, from transposed copies of its inputs, and the input's part as a transposed
 convolution; on the CPU that was about a quarter of the convolutions' time at omniglot-5w1s
-(benchmarks/RESULTS.md). The ``cpp``
-backend states the second derivative as two grouped ``convolution_backward`` calls and two
-grouped convolutions (_Conv2dBackward), the same maths in the same grouped primitives as the
-forward and backward. On CUDA tensors every backend runs PyTorch's until a GPU has measured both.
+(benchmarks/RESULTS.md). The ``cpp`` backend states the second derivative as two grouped
+``convolution_backward`` calls and two grouped convolutions (_Conv2dBackward), the same maths in
+the same grouped primitives as the forward and backward. On CUDA tensors every backend runs
+PyTorch's until a GPU has measured both.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ aten = torch.ops.aten
 
 def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, padding: int, groups: int,
                    backend: str = "auto") -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=padding, groups=groups)``: x [N, G*C_in, H, W], weight [G*C_out, C_in, k, k]."""
+    """``F.conv2d(x, weight, bias, padding=padding, groups=groups)``.
+
+    x [N, G*C_in, H, W], weight [G*C_out, C_in, k, k], bias [G*C_out] or None.
+    """
     if resolve(backend, x.device) == "cpp":
         return _Conv2d.apply(x, weight, bias, padding, groups)
     return F.conv2d(x, weight, bias, padding=padding, groups=groups)
