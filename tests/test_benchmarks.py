@@ -19,7 +19,8 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import meta_step  # noqa: E402
-from func_peer import FuncMAMLPlusPlus  # noqa: E402
+from mamlfast import speed  # noqa: E402
+from mamlfast.func_peer import FuncMAMLPlusPlus  # noqa: E402
 
 TINY = ["--preset", "omniglot-5w1s", "--tasks", "2", "--override", "image_size=16", "--override", "num_filters=4",
         "--repeats", "2", "--warmup", "1", "--no-memory", "--threads", "1"]
@@ -73,11 +74,11 @@ def test_meta_step_reports_failures_as_error_rows(tmp_path):
 
 
 def test_meta_step_keeps_what_it_measured_when_interrupted(monkeypatch):
-    def interrupted_timing(functions, device, repeats, warmup, *, errors, times):
+    def interrupted_timing(functions, device, repeats, warmup, *, errors, times, after_each):
         times.update({name: [10.0] for name in functions if name != "torch"})
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(meta_step, "time_interleaved", interrupted_timing)
+    monkeypatch.setattr(speed, "time_interleaved", interrupted_timing)
     result = meta_step.main(TINY + ["--backends", "torch"])
     assert result["interrupted"] and meta_step.failed(result)
     rows = {row["backend"]: row for row in result["rows"]}

@@ -157,3 +157,5 @@ _IMPLEMENTATIONS = {
     "cuda": functools.partial(_fused_task_batch_norm, "extension"),
     "cpp": functools.partial(_fused_task_batch_norm, "extension"),
 }
+# the backends with kernels of their own for this op
+FUSED_BACKENDS = tuple(name for name in _IMPLEMENTATIONS if name != "torch")

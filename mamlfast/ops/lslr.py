@@ -110,3 +110,5 @@ _IMPLEMENTATIONS = {
     "cuda": functools.partial(_fused_lslr_update, "extension"),
     "cpp": functools.partial(_fused_lslr_update, "extension"),
 }
+# the backends with kernels of their own for this op
+FUSED_BACKENDS = tuple(name for name in _IMPLEMENTATIONS if name != "torch")
