@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check, for a bare CUDA machine with torch installed and no internet. Most valuable first:
-# build mamlfast's extension for the card in hand (if that fails, install without it and go on), benchmark
+# build mamlfast's extension for the card in hand (if that fails, install without it and go on), run
+# `mamlfast check --device cuda` (every fused backend against torch per op and dtype, then speed), benchmark
 # meta-iterations on omniglot-20w1s, run the GPU tests, profile one meta-iteration, benchmark the other
 # presets and the hot ops, run the remaining GPU tests (fixed-order sums, argument checks, recompute), then
 # compute-sanitizer's memcheck on the op tests with the time left.
@@ -122,6 +123,7 @@ if [ "$dry" = 1 ]; then
   export OMP_NUM_THREADS=1
   build=(echo "dry run: pip install -e . with CUDA_HOME=${cuda_home:-none} TORCH_CUDA_ARCH_LIST=${arch:-none}")
   build_without_extension=(echo "dry run: pip install -e . with MAMLFAST_NO_CUDA=1")
+  check=("$py" -m mamlfast check --device cpu --backends torch --tasks 1 --repeats 1 --no-memory)
   configurations=func,torch,auto,torch+recompute
   small=(--tasks 2 --override image_size=16 --override num_filters=4 --repeats 2 --warmup 1 --no-memory)
   kernels=(--presets omniglot-5w1s --backends torch --repeats 1 --warmup 1)
@@ -131,6 +133,7 @@ else
   install=("$py" -m pip install --no-build-isolation --no-deps --no-index -e .)
   build=(env CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${install[@]}")
   build_without_extension=(env MAMLFAST_NO_CUDA=1 "${install[@]}")
+  check=("$py" -m mamlfast check --device cuda)
   configurations=func,torch,triton,cuda,auto,auto+graphs,auto+graphs+recompute
   small=(--repeats 10 --warmup 3)
   kernels=(--repeats 30)
@@ -151,6 +154,7 @@ meta_step() {  # meta_step PRESET LIMIT
 gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_step.py)
 more_gpu_tests=(tests/test_kernel_reductions.py tests/test_op_arguments.py tests/test_recompute.py tests/test_max_pool.py tests/test_conv.py)
 
+step check 150 "${check[@]}" --no-progress --json "$out/check.json"
 step info 30 "$py" -m mamlfast info
 meta_step omniglot-20w1s 150
 step tests 180 "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_mode[@]}" "${gpu_tests[@]}"

@@ -75,6 +75,7 @@ def summarize(out: Path) -> dict:
     return dict(environment=read_environment(out), steps=read_steps(out),
                 tests=pytest_result(out, "tests"), more_tests=pytest_result(out, "more-tests"),
                 sanitizer=pytest_result(out, "sanitizer"),
+                check=read_json(out / "check.json") if (out / "check.json").exists() else None,
                 meta_step=[read_json(path) for path in sorted(out.glob("meta_step-*.json"))],
                 profiles=[read_json(path) for path in sorted(out.glob("profile-*.json"))],
                 kernels=read_json(out / "kernels.json") if (out / "kernels.json").exists() else None)

@@ -6,6 +6,7 @@ except ImportError:
     raise ImportError("mamlfast needs PyTorch, which it never installs itself: install torch first "
                       "(https://pytorch.org), then mamlfast") from None
 
+from . import learner_check  # noqa: F401  (adds one meta-iteration to every fused backend's self-check)
 from .config import PRESETS, MAMLConfig
 from .learner import MAMLPlusPlus
 from .tasks import MetaOutput, TaskBatch

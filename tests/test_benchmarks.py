@@ -98,8 +98,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert check.returncode == 0, output
     summary = json.loads((tmp_path / "gpu.json").read_text())
     assert [step["name"] for step in summary["steps"]] == [
-        "install", "info", "meta_step-omniglot-20w1s", "tests", "profile-omniglot-20w1s", "meta_step-omniglot-5w1s",
-        "meta_step-mini-imagenet-5w1s", "kernels", "more-tests", "sanitizer"]
+        "install", "check", "info", "meta_step-omniglot-20w1s", "tests", "profile-omniglot-20w1s",
+        "meta_step-omniglot-5w1s", "meta_step-mini-imagenet-5w1s", "kernels", "more-tests", "sanitizer"]
     assert all(step["outcome"] == "passed" for step in summary["steps"])
     if shutil.which("nvcc"):  # the toolkit nvcc reports, also where the nvcc on PATH is a wrapper script
         assert (Path(summary["environment"]["cuda_home"]) / "bin" / "nvcc").is_file()
@@ -110,6 +110,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert [(row["backend"], row["recompute"], row["error"]) for row in run["rows"]] == [
             ("loop", False, None), ("func", False, None), ("torch", False, None), ("auto", False, None),
             ("torch", True, None)]
+    assert summary["check"]["ok"] and summary["check"]["meta_iteration"]["rows"]
     assert summary["profiles"][0]["profiles"]["auto"]["ops"]
     assert summary["kernels"]["rows"]
 
@@ -128,7 +129,7 @@ def test_gpu_check_goes_on_after_a_failure_and_summarizes_when_stopped(tmp_path)
     assert check.returncode == 143, output
     summary = json.loads((tmp_path / "gpu.json").read_text())
     outcomes = {step["name"]: step["outcome"] for step in summary["steps"]}
-    assert outcomes == {"install": "failed", "install-without-extension": "passed", "info": "passed",
+    assert outcomes == {"install": "failed", "install-without-extension": "passed", "check": "passed", "info": "passed",
                         "meta_step-omniglot-20w1s": "passed", "tests": "failed",
                         "profile-omniglot-20w1s": "interrupted"}
     assert "planted failure" in summary["steps"][0]["log_tail"][-1]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import atomic_open
-from .images import DatasetError, cache_dir
+from ..files import atomic_open, cache_dir
+from .images import DatasetError
 from .omniglot import PARTS
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"

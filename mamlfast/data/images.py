@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..files import atomic_open, first_line, remove_temporaries
+from ..files import atomic_open, cache_dir, first_line, remove_temporaries
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -148,10 +147,6 @@ def open_zip(path: str) -> zipfile.ZipFile:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
         raise DatasetError(f"corrupt zip file {path}: {error}") from None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MAMLFAST_CACHE", Path.home() / ".cache" / "mamlfast"))
 
 
 def cached(name: str, fingerprint: dict, build: Callable[[], ClassImages],

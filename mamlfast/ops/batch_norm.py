@@ -37,7 +37,7 @@ def task_batch_norm(
     given, updates them in place; ``training=False`` normalises with the running statistics.
     """
     _check_arguments(x, weight, bias, running_mean, running_var, training)
-    implementation = _IMPLEMENTATIONS[resolve(backend, x.device)]
+    implementation = _IMPLEMENTATIONS[resolve(backend, x.device, x.dtype)]
     return implementation(x, weight, bias, running_mean, running_var, training, momentum, eps)
 
 

@@ -29,7 +29,7 @@ def lslr_update(
 ) -> torch.Tensor:
     """One gradient step of ``params`` [B, P] with a learning rate per parameter tensor."""
     _check_arguments(params, grads, lrs, segment_ids)
-    implementation = _IMPLEMENTATIONS[resolve(backend, params.device)]
+    implementation = _IMPLEMENTATIONS[resolve(backend, params.device, params.dtype)]
     return implementation(params, grads, lrs, segment_ids)
 
 
