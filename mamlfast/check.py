@@ -31,7 +31,6 @@ from .timing import device_name, median, time_interleaved, versions
 DEFAULT_PRESETS = {"cuda": "omniglot-20w1s", "cpu": "omniglot-5w1s"}
 YARDSTICKS = ("loop", "func")
 BACKENDS = YARDSTICKS + OP_BACKENDS
-FUSED = tuple(b for b in OP_BACKENDS if b != "torch")
 OP_WARMUP = 2
 
 
@@ -66,7 +65,7 @@ def run(device: torch.device, preset: str | None = None, backends: str | None = 
     workload = Workload(preset, tasks=tasks, device=str(device),
                         warmup=CAPTURE_WARMUP if device.type == "cuda" else 1)
     workload.config("torch")  # a bad --tasks is an error before anything runs
-    fused = [b for b in chosen if b in FUSED]
+    fused = [b for b in chosen if b in self_check.FUSED]
     op_backends = [b for b in chosen if b in OP_BACKENDS]
     configurations = _configurations(chosen, device)
     cases = op_cases(workload.config("torch"), op_backends, device) if op_backends else []

@@ -148,7 +148,7 @@ def test_agreement_is_recorded_and_read_back_by_a_later_process(fresh, monkeypat
 
 KEY_CHANGES = {
     "torch's version": lambda m: m.setattr(torch, "__version__", torch.__version__ + "+other"),
-    "the extension's build": lambda m: m.setattr(self_check, "extension_digest", lambda: "another build"),
+    "the extension's build": lambda m: m.setattr(self_check, "extension_build", lambda: dict(bytes=1)),
     "mamlfast's code": lambda m: m.setattr(self_check, "mamlfast_code", lambda: dict(version="0", sources="x")),
     "the device": lambda m: m.setattr(self_check, "describe_device", lambda device: dict(processor="another")),
     "the checks": lambda m: m.setitem(self_check._checks, "another", lambda *args: []),

@@ -61,13 +61,12 @@ class Verdict:
 
     def problem(self) -> str:
         """The disagreement in one line: the backend, the device, the op, the error and the tolerance."""
-        failure = self.failure()
-        found = failure.describe() if failure else "no comparison was made"
-        return f"backend {self.backend!r} disagrees with the torch backend on {self.device}: {found}"
+        return (f"backend {self.backend!r} disagrees with the torch backend on {self.device}: "
+                f"{self.failure().describe()}")
 
     def describe(self) -> str:
         if not self.agrees:
-            return f"disagrees with torch: {self.failure().describe() if self.failure() else 'not compared'}"
+            return f"disagrees with torch: {self.failure().describe()}"
         if self.how == "recorded":
             return f"agrees with torch (checked {self.checked_at}, recorded)"
         if self.how == "checked":
@@ -102,12 +101,12 @@ def verdict(backend: str, device: torch.device, dtype: torch.dtype) -> Verdict:
     return found if found is not None else _decide(backend, device, dtype)
 
 
-def warn_fallback(verdict_found: Verdict, instead: str) -> None:
+def warn_fallback(found: Verdict, instead: str) -> None:
     """Say once per process that ``auto`` passed over a backend that disagrees."""
-    key = (verdict_found.backend, verdict_found.device, verdict_found.dtype)
+    key = (found.backend, found.device, found.dtype)
     if key not in _warned:
         _warned.add(key)
-        log.warning("%s; backend='auto' takes %r instead", verdict_found.problem(), instead)
+        log.warning("%s; backend='auto' takes %r instead", found.problem(), instead)
 
 
 def _decide(backend: str, device: torch.device, dtype: torch.dtype) -> Verdict:
@@ -252,7 +251,7 @@ def record_key(backend: str, device: torch.device, dtype: torch.dtype) -> dict:
         key["triton"] = triton_version()
         key["triton_interpreter"] = os.environ.get("TRITON_INTERPRET") == "1"
     if backend in ("cpp", "cuda"):
-        key["extension"] = extension_digest()
+        key["extension"] = extension_build()
     if device.type == "cuda":
         key["cuda"] = torch.version.cuda or torch.version.hip
         key["driver"] = driver_version()
@@ -305,14 +304,16 @@ def mamlfast_code() -> dict:
 
 
 @functools.cache
-def extension_digest() -> str | None:
-    """A digest of the compiled extension's file: a rebuild, even of the same sources with another
-    compiler or toolkit, changes it."""
+def extension_build() -> dict | None:
+    """The compiled extension's file: its name, size and modification time, which every build
+    changes (even of the same sources with another compiler or toolkit), found without reading its
+    megabytes."""
     try:
         from .. import _C
     except ImportError:
         return None
-    return hashlib.sha256(Path(_C.__file__).read_bytes()).hexdigest()[:16]
+    compiled = Path(_C.__file__).stat()
+    return dict(file=Path(_C.__file__).name, bytes=compiled.st_size, modified_ns=compiled.st_mtime_ns)
 
 
 @functools.cache
