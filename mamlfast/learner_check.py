@@ -86,6 +86,20 @@ def compare_meta_iteration(backend: str, device: torch.device, dtype: torch.dtyp
     if dtype not in LEARNER_TOLERANCES:
         return []
     tolerance, floor = LEARNER_TOLERANCES[dtype]
+    errors, absolute = meta_iteration_errors(backend, device, dtype, floor)
+    worst = max(errors, key=errors.get)
+    described = f"{tolerance:.0e} relative, floor {floor:.0e}"
+    if math.isinf(errors[worst]):
+        return [Comparison("meta-iteration", "second order", dtype_name(dtype), None, None, described, False,
+                           worst=worst)]
+    return [Comparison("meta-iteration", "second order", dtype_name(dtype), absolute, errors[worst], described,
+                       errors[worst] <= tolerance, worst=worst)]
+
+
+def meta_iteration_errors(backend: str, device: torch.device, dtype: torch.dtype,
+                          floor: float) -> tuple[dict[str, float], float]:
+    """Each of the meta-loss's and meta-gradients' errors relative to the torch backend's in float64
+    (``relative_errors`` with ``floor``; infinity where not finite), and the largest absolute error."""
     cfg = MAMLConfig.preset("omniglot-5w1s", **CHECK_CONFIG)
     learner = perturbed_learner(cfg, dtype=dtype).to(device)
     batch = random_batch(cfg, cfg.meta_batch_size, dtype=dtype, device=device)
@@ -95,14 +109,7 @@ def compare_meta_iteration(backend: str, device: torch.device, dtype: torch.dtyp
                                             for name, run_dtype in ((backend, dtype), ("torch", torch.float64))))
     errors = {name: error if math.isfinite(error) else math.inf
               for name, error in relative_errors(expected, checked, floor).items()}
-    worst = max(errors, key=errors.get)
-    described = f"{tolerance:.0e} relative, floor {floor:.0e}"
-    if math.isinf(errors[worst]):
-        return [Comparison("meta-iteration", "second order", dtype_name(dtype), None, None, described, False,
-                           worst=worst)]
-    absolute = max((checked[name].to(e) - e).abs().max().item() for name, e in expected.items())
-    return [Comparison("meta-iteration", "second order", dtype_name(dtype), absolute, errors[worst], described,
-                       errors[worst] <= tolerance, worst=worst)]
+    return errors, max((checked[name].to(e) - e).abs().max().item() for name, e in expected.items())
 
 
 def _meta_iteration(learner: MAMLPlusPlus, batch: TaskBatch, backend: str, dtype: torch.dtype):
