@@ -342,22 +342,26 @@ def run_info(_args) -> int:
     print(load_error() or "the extension mamlfast._C is loaded: CPU kernels, "
           + ("CUDA kernels" if cuda_kernels_error() is None else "no CUDA kernels"))
     for device in devices:
-        print(f"backends on {device}: auto -> {ops.resolve('auto', device)}")
         print("\n".join(_backend_lines(device)))
     return 0
 
 
 def _backend_lines(device: torch.device) -> list[str]:
-    """Each backend: why it is unusable on ``device``, or its self-check's verdict there (float32;
-    checked now where no record has it)."""
-    lines = []
+    """auto's choice on ``device``, and each backend: why it is unusable there, or its self-check's
+    verdict (float32), as this process or a record knows it: info checks nothing."""
+    choice = ops.backends.auto_by_known_verdicts(device, torch.float32)
+    unchecked = ops.self_check.known(choice, device, torch.float32) is None
+    lines = [f"backends on {device}: auto -> {choice}" + (" (once its check agrees)" if unchecked else "")]
     for name, reason in ops.availability(device).items():
         if reason is not None:
             lines.append(f"  {name:<7} unusable: {reason}")
         elif name == "torch":
             lines.append(f"  {name:<7} usable: the reference of the others")
         else:
-            lines.append(f"  {name:<7} usable, {ops.self_check.verdict(name, device, torch.float32).describe()}")
+            found = ops.self_check.known(name, device, torch.float32)
+            lines.append(f"  {name:<7} usable, " + (found.describe() if found else
+                                                    "not checked here yet: it is before its first use "
+                                                    "(mamlfast check checks now)"))
     return lines
 
 

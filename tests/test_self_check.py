@@ -247,14 +247,37 @@ def test_no_check_inside_cuda_graph_capture(fresh, monkeypatch):
     assert self_check.verdict("cuda", gpu, torch.float32).how == "recorded"
 
 
-def test_info_shows_each_backends_verdict(fresh, monkeypatch, capsys):
-    _wrong_double_backward(monkeypatch)
+def _info(capsys) -> list[str]:
     assert mamlfast.cli.main(["info"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    return capsys.readouterr().out.splitlines()
+
+
+def _line_of(backend: str, lines: list[str]) -> str:
+    (line,) = [line for line in lines if line.strip().startswith(backend + " ")]
+    return line
+
+
+def test_info_shows_each_backends_verdict_and_checks_nothing(fresh, monkeypatch, capsys):
+    monkeypatch.setattr(self_check, "run_checks", lambda *args: pytest.fail("info ran a check"))
+    lines = _info(capsys)
+    assert "backends on cpu: auto -> cpp (once its check agrees)" in lines
+    assert "usable, not checked here yet: it is before its first use" in _line_of("cpp", lines)
+    assert "usable: the reference of the others" in _line_of("torch", lines)
+    monkeypatch.undo()
+
+    assert self_check.verdict("cpp", CPU, torch.float32).agrees
+    self_check.forget()  # as a new process, which finds the record
+    lines = _info(capsys)
+    assert "backends on cpu: auto -> cpp" in lines
+    assert "usable, agrees with torch (checked " in _line_of("cpp", lines) and "recorded)" in _line_of("cpp", lines)
+
+
+def test_info_shows_a_disagreement_found_in_the_process(fresh, monkeypatch, capsys):
+    _wrong_double_backward(monkeypatch)
+    assert not self_check.verdict("cpp", CPU, torch.float32).agrees
+    lines = _info(capsys)
     assert "backends on cpu: auto -> torch" in lines
-    (cpp,) = [line for line in lines if line.strip().startswith("cpp")]
-    assert "usable, disagrees with torch: batch norm double backward (float32)" in cpp
-    assert any(line.strip().startswith("torch") and "usable" in line for line in lines)
+    assert "usable, disagrees with torch: batch norm double backward (float32)" in _line_of("cpp", lines)
 
 
 def test_first_check_costs_little(fresh):

@@ -94,14 +94,15 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
     return backend
 
 
-def _auto(device: torch.device, dtype: torch.dtype) -> str:
+def _auto(device: torch.device, dtype: torch.dtype, verdict_of=None) -> str:
     """The first usable backend of auto's preference that agrees with the torch backend, else torch;
-    each passed over for its disagreement is named in a warning, once per process."""
+    each passed over for its disagreement is named in a warning, once per process. ``verdict_of``
+    (default ``self_check.verdict``) may leave a backend unjudged (None): it counts as agreeing."""
     passed_over = []
     for name in AUTO_PREFERENCE.get(device.type, ()):
         if unavailable_reason(name, device) is None:
-            found = self_check.verdict(name, device, dtype)
-            if found.agrees:
+            found = (verdict_of or self_check.verdict)(name, device, dtype)
+            if found is None or found.agrees:
                 break
             passed_over.append(found)
     else:
@@ -109,6 +110,12 @@ def _auto(device: torch.device, dtype: torch.dtype) -> str:
     for found in passed_over:
         self_check.warn_fallback(found, name)
     return name
+
+
+def auto_by_known_verdicts(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """What ``auto`` takes by the verdicts found so far (this process's, the records), checking
+    nothing: a backend that has yet to be checked counts as agreeing."""
+    return _auto(device, dtype or torch.get_default_dtype(), self_check.known)
 
 
 def availability(device: torch.device) -> dict[str, str | None]:

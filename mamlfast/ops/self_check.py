@@ -114,7 +114,22 @@ def _decide(backend: str, device: torch.device, dtype: torch.dtype) -> Verdict:
         _verdicts[backend, device, dtype] = found = verdict(backend, torch.device("cuda", torch.cuda.current_device()),
                                                             dtype)
         return found
+    found = known(backend, device, dtype)
+    if found is not None:
+        return found
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise UncheckedInCapture(
+            f"backend {backend!r} has not been checked on {_where(device, dtype)} yet, and checks never run inside "
+            f"CUDA graph capture: run one step eagerly before capturing (as warm-up does), or set {SWITCH}=0")
+    return check_now(backend, device, dtype)
+
+
+def known(backend: str, device: torch.device, dtype: torch.dtype) -> Verdict | None:
+    """The verdict found without checking: this process's, one that needs no check (the torch backend,
+    the meta device, checks switched off), else the record's; None where a check has yet to run."""
     key = (backend, device, dtype)
+    if key in _verdicts:
+        return _verdicts[key]
     where = _where(device, dtype)
     if backend not in FUSED or device.type == "meta":
         return _verdicts.setdefault(key, Verdict(backend, where, dtype_name(dtype), True, "not needed"))
@@ -124,12 +139,8 @@ def _decide(backend: str, device: torch.device, dtype: torch.dtype) -> Verdict:
             log.warning("%s=0: the fused backends run unchecked against the torch backend", SWITCH)
         return _verdicts.setdefault(key, Verdict(backend, where, dtype_name(dtype), True, "skipped"))
     recorded = _read_record(record_path(backend, device, dtype), record_key(backend, device, dtype))
-    if recorded is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise UncheckedInCapture(
-            f"backend {backend!r} has not been checked on {where} yet, and checks never run inside CUDA graph "
-            f"capture: run one step eagerly before capturing (as warm-up does), or set {SWITCH}=0")
     if recorded is None:
-        return check_now(backend, device, dtype)
+        return None
     found = _verdicts[key] = Verdict(backend, where, dtype_name(dtype), True, "recorded",
                                      checked_at=recorded["checked_at"])
     return found
