@@ -154,7 +154,7 @@ meta_step() {  # meta_step PRESET LIMIT
 gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_step.py)
 more_gpu_tests=(tests/test_kernel_reductions.py tests/test_op_arguments.py tests/test_recompute.py tests/test_max_pool.py tests/test_conv.py)
 
-step check 150 "${check[@]}" --no-progress --json "$out/check.json"
+step check 180 "${check[@]}" --no-progress --json "$out/check.json"
 step info 30 "$py" -m mamlfast info
 meta_step omniglot-20w1s 150
 step tests 180 "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_mode[@]}" "${gpu_tests[@]}"

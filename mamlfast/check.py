@@ -17,6 +17,7 @@ ran its timings without an error.
 from __future__ import annotations
 
 import platform
+
 import torch
 from tqdm import tqdm
 
@@ -68,11 +69,13 @@ def run(device: torch.device, preset: str | None = None, backends: str | None = 
     fused = [b for b in chosen if b in self_check.FUSED]
     op_backends = [b for b in chosen if b in OP_BACKENDS]
     configurations = _configurations(chosen, device)
-    cases = op_cases(workload.config("torch"), op_backends, device) if op_backends else []
-    steps = (len(fused) * len(dtypes_for(device)) + len(cases) * len(PHASES)
-             + len(configurations) * (workload.warmup + repeats + (memory and device.type == "cpu")))
+    steps = (len(fused) * len(dtypes_for(device))
+             + len(configurations) * (workload.warmup + repeats + int(memory and device.type == "cpu")))
     with tqdm(total=steps, desc="mamlfast check", leave=False, disable=not progress) as bar:
         correctness = _correctness(fused, device, bar)
+        # built after the checks: building runs each backend's ops once
+        cases = op_cases(workload.config("torch"), op_backends, device) if op_backends else []
+        bar.total += len(cases) * len(PHASES)
         op_speed = _op_speed(cases, device, repeats, bar)
         bar.set_description("meta-iterations")
         meta = measure(workload, configurations, repeats, memory=memory, progress=lambda _: bar.update())
@@ -98,12 +101,13 @@ def _configurations(chosen: list[str], device: torch.device) -> list[str]:
 
 
 def _correctness(fused: list[str], device: torch.device, bar: tqdm) -> list[dict]:
+    """Each fused backend's self-check in each dtype, run now: its comparisons as rows."""
     rows = []
     for backend in fused:
         for dtype in dtypes_for(device):
             bar.set_description(f"checking {backend} in {dtype_name(dtype)}")
             found = self_check.check_now(backend, device, dtype)
-            rows += [dict(backend=backend, seconds=found.seconds, **comparison.to_dict())
+            rows += [dict(backend=backend, check_seconds=found.seconds, **comparison.to_dict())
                      for comparison in found.comparisons]
             bar.update()
     return rows
