@@ -50,3 +50,28 @@ def make_mini_imagenet(root: Path, classes=(("train", 6), ("val", 5), ("test", 5
                 pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"img{i}.jpg", quality=90)
     return root
+
+
+def full_disk(monkeypatch, name: str) -> None:
+    """Make mamlfast's writes of the files called ``name`` (a glob), and of their temporary files, fail
+    as on a full disk: once created, such a file's descriptor is made /dev/full's, to which the kernel
+    answers every write with ENOSPC, so that the real error path runs."""
+    import fnmatch
+    import os
+    import re
+
+    import pytest
+
+    from mamlfast import files
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    create = files._create
+
+    def create_on_a_full_disk(path, flags):
+        descriptor = create(path, flags)
+        if fnmatch.fnmatch(re.sub(r"\.[0-9a-f]{8}\.tmp$", "", os.path.basename(path)), name):
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, descriptor)
+            os.close(full)
+        return descriptor
+    monkeypatch.setattr(files, "_create", create_on_a_full_disk)
