@@ -119,7 +119,7 @@ def _state_problem(payload: dict, cfg: MAMLConfig) -> str | None:
     model = payload["model"]
     if not isinstance(model, dict):
         return f"its model is {_kind(model)}, not a mapping of tensors"
-    learner = MAMLPlusPlus(cfg)
+    learner = MAMLPlusPlus(cfg.replace(backend="torch", recompute=False))  # how it runs changes no shape
     expected = learner.state_dict()
     wrong = sorted(map(str, set(expected) ^ set(model)))
     if wrong:
@@ -144,7 +144,7 @@ def _state_problem(payload: dict, cfg: MAMLConfig) -> str | None:
     scheduler = payload["scheduler"]
     if not (isinstance(scheduler, dict) and scheduler.get("last_epoch") == payload["iteration"]
             and scheduler.get("T_max") == total_iterations(cfg) and scheduler.get("eta_min") == cfg.min_meta_lr
-            and all(isinstance(scheduler.get(key), list) and len(scheduler[key]) == 1 and _is_number(scheduler[key][0])
+            and all(isinstance(scheduler.get(key), list) and len(scheduler[key]) == 1 and _is_rate(scheduler[key][0])
                     for key in ("base_lrs", "_last_lr"))):
         return f"its scheduler state is not the cosine schedule of its config at iteration {payload['iteration']}"
     return None
@@ -176,6 +176,11 @@ def _is_integer(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_rate(value) -> bool:
+    """A learning rate: a number, or a one-element tensor where Adam keeps it on a GPU (capturable)."""
+    return _is_number(value) or isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
 
 
 def _kind(value) -> str:

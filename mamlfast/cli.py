@@ -421,11 +421,12 @@ def _memory_for(cfg: MAMLConfig, device: torch.device):
     try:
         yield
     except (MemoryError, RuntimeError) as error:
-        if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator" in str(error)):
+        message = str(error)
+        if not (isinstance(error, MemoryError) or re.search("DefaultCPUAllocator|out of memory", message)):
             raise
-        asked = re.search(r"tried to allocate (\d+) bytes", str(error))
+        asked = re.search(r"tried to allocate (\d+) bytes", message)
         detail = f"{int(asked[1]) / 2**30:.1f} GiB asked for" if asked else first_line(error)
-        place = device if isinstance(error, torch.OutOfMemoryError) else "the host"
+        place = device if isinstance(error, torch.OutOfMemoryError) or "CUDA" in message else "the host"
         sizes = ", ".join(f"{name}={getattr(cfg, name)}" for name in (
             "n_way", "k_shot", "k_query", "image_size", "image_channels", "num_filters", "num_stages",
             "inner_steps", "meta_batch_size"))

@@ -537,9 +537,12 @@ def test_an_interrupt_during_the_test_protocol_says_what_is_complete(tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     trainer.test_tasks.accuracies = interrupted
-    with pytest.raises(TrainingInterrupted, match="interrupted during the test protocol; the checkpoints in .* are "
-                                                  "complete: run the test protocol with --resume"):
-        trainer.test()
+    try:
+        with pytest.raises(TrainingInterrupted, match="interrupted during the test protocol; the checkpoints in .* "
+                                                      "are complete: run the test protocol with --resume"):
+            trainer.test()
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the test protocol without a word")
 
 
 SIGTERM_WHILE_DECODING = textwrap.dedent("""
@@ -641,6 +644,15 @@ def test_a_checkpoint_with_a_valid_checksum_but_a_malformed_payload_is_refused_i
     expected = f"checkpoint {latest} is not a mamlfast checkpoint of this version: {message}"
     _one_line_error(*_main(capsys, "eval", "--checkpoint", str(latest), "--no-progress")[::2], expected)
     _one_line_error(*_main(capsys, "train", "--resume", "--out", "run", "--no-progress")[::2], expected)
+
+
+def test_a_checkpoint_of_a_gpu_run_passes_the_checks(stopped_run):
+    """Adam in its capturable form, as on a GPU, keeps its rate in a tensor, and the schedule records it so."""
+    payload = checkpoints.read(stopped_run / "checkpoints" / "latest.pt")
+    rate = payload["optimizer"]["param_groups"][0]["lr"]
+    payload["optimizer"]["param_groups"][0].update(lr=torch.tensor(rate), capturable=True)
+    payload["scheduler"]["_last_lr"] = [torch.tensor(rate)]
+    assert checkpoints._structure_problem(payload) is None
 
 
 def test_a_malformed_metrics_record_is_named_not_a_traceback(tmp_path):
