@@ -19,7 +19,7 @@ from typing import Any
 
 from . import reference_config
 from .config import MAMLConfig
-from .files import write_json
+from .files import shown, write_json
 
 # option -> its JSON type; the MAMLConfig fields are typed by the dataclass
 RUN_OPTIONS = {
@@ -80,7 +80,7 @@ def _is_reference(entries: dict[str, Any]) -> bool:
     ours = sorted(set(entries) & set(OPTIONS) - reference_config.KEYS)
     theirs = sorted(set(entries) & reference_config.KEYS - set(OPTIONS))
     if ours and theirs:
-        raise ValueError(f"mixes mamlfast options ({', '.join(ours)}) with keys of the reference code's "
+        raise ValueError(f"mixes mamlfast options ({shown(', '.join(ours))}) with keys of the reference code's "
                          f"experiment configs ({', '.join(theirs)})")
     return bool(theirs)
 
@@ -88,12 +88,13 @@ def _is_reference(entries: dict[str, Any]) -> bool:
 def _checked(entries: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(entries) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}: a mamlfast config holds `mamlfast train` options "
+        raise ValueError(f"unknown option(s) {shown(', '.join(unknown))}: a mamlfast config holds `mamlfast train` "
+                         f"options "
                          f"by name (n_way, dataset, data_root, ...)")
     for name, value in entries.items():
         expected = OPTIONS[name]
         if not _has_type(value, expected):
-            raise ValueError(f"{name}={json.dumps(value)}: must be {_TYPE_NAMES[expected]}")
+            raise ValueError(f"{name}={shown(json.dumps(value))}: must be {_TYPE_NAMES[expected]}")
     return dict(entries)
 
 

@@ -1,6 +1,7 @@
 """Loaders on generated fixtures, the task sampler's determinism and correctness, and data errors."""
 
 import logging
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from fixtures import make_mini_imagenet, make_omniglot
 from mamlfast.data import DatasetError, infer_dataset, load_dataset
 from mamlfast.data import images as images_module
 from mamlfast.data.images import ImageSource, decode
-from mamlfast.data.omniglot import load_omniglot
+from mamlfast.data.omniglot import list_classes, load_omniglot
 from mamlfast.data.synthetic import make_synthetic
 
 
@@ -41,6 +42,21 @@ def test_omniglot_folders_and_zips_give_the_same_classes_and_split(tmp_path):
     assert all("/character" in name for name in train.names)
     again = load_omniglot(tmp_path / "folders", image_size=28)  # from the cache
     assert again["test"].names == folders["test"].names and torch.equal(again["test"].images, folders["test"].images)
+
+
+def test_image_extensions_count_in_any_case(tmp_path):
+    """IMG.PNG is an image as img.png is: in folders as in zips, in the parts layout as in the alphabets one."""
+    folders = make_omniglot(tmp_path / "folders", suffixes=(".png", ".PNG", ".Png"))
+    zips = make_omniglot(tmp_path / "zips", suffixes=(".png", ".PNG", ".Png"), zipped=True)
+    alphabets = tmp_path / "alphabets"
+    for part in (folders / "images_background", folders / "images_evaluation"):
+        shutil.copytree(part, alphabets, dirs_exist_ok=True)
+    for root in (folders, zips, alphabets):
+        classes, _ = list_classes(root)
+        assert len(classes) == 60 and all(len(sources) == 4 for _, sources in classes), root
+    assert infer_dataset(alphabets) == "omniglot"
+    from_folders, from_zips = load_omniglot(folders, image_size=16), load_omniglot(zips, image_size=16)
+    assert all(torch.equal(from_folders[split].images, from_zips[split].images) for split in from_folders)
 
 
 def test_mini_imagenet_layout(tmp_path):

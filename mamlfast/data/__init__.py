@@ -9,8 +9,9 @@ from typing import Sequence
 import torch
 
 from ..config import MAMLConfig
+from ..files import shown
 from . import mini_imagenet, omniglot
-from .images import ClassImages, DatasetError
+from .images import ClassImages, DatasetError, image_paths
 from .mini_imagenet import load_mini_imagenet
 from .omniglot import ClassSplit, load_omniglot
 from .sampler import TaskSampler
@@ -52,7 +53,7 @@ def load_dataset(name: str, cfg: MAMLConfig, root: str | Path | None = None, pro
     pixels are handled as the reference's; the synthetic set has its own split.
     """
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DatasetError(f"unknown dataset {shown(repr(name))}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
         if root is not None:
             raise DatasetError(f"the synthetic dataset is built in and reads no data root, but {root} was given")
@@ -81,7 +82,7 @@ def infer_dataset(root: str | Path) -> str:
         raise DatasetError(f"data root {root} does not exist or is not a folder")
     found = []
     if any((root / part).exists() or (root / f"{part}.zip").exists() for part in omniglot.PARTS) \
-            or next(root.glob("*/*/*.png"), None) is not None:
+            or next(image_paths(root, "*/*/*", omniglot.SUFFIXES), None) is not None:
         found.append("omniglot")
     if any((root / split).is_dir() for split in mini_imagenet.SPLITS):
         found.append("mini-imagenet")

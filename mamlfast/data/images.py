@@ -11,7 +11,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -68,6 +68,18 @@ class ImageSource:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.member}" if self.member else self.path
+
+
+def has_suffix(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether the file name ``name`` ends in one of ``suffixes`` (lower case), in any case: IMG.PNG
+    counts as img.png, in folders as in zips."""
+    return name.lower().endswith(suffixes)
+
+
+def image_paths(folder: Path, pattern: str, suffixes: tuple[str, ...]) -> Iterator[Path]:
+    """The paths in ``folder`` that match the glob ``pattern`` (without a suffix: "*/*/*") and end in
+    one of ``suffixes``, in any case; unsorted."""
+    return (path for path in folder.glob(pattern) if has_suffix(path.name, suffixes))
 
 
 def decode(source: ImageSource, archive: zipfile.ZipFile | None, size: int, mode: str,

@@ -35,9 +35,12 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .images import ClassImages, DatasetError, ImageSource, cached, decode_classes, fingerprint, open_zip
+from ..files import shown
+from .images import (ClassImages, DatasetError, ImageSource, cached, decode_classes, fingerprint, has_suffix,
+                     image_paths, open_zip)
 
 PARTS = ("images_background", "images_evaluation")
+SUFFIXES = (".png",)  # in any case
 SPLIT_CLASSES = {"train": 1150, "val": 50, "test": 423}
 SPLIT_SEED = 0
 CLASS_SPLITS = ("mamlfast", "reference")
@@ -57,15 +60,17 @@ class ClassSplit:
 
     def __post_init__(self) -> None:
         if self.method not in CLASS_SPLITS:
-            raise DatasetError(f"unknown class split {self.method!r}; choose one of {', '.join(CLASS_SPLITS)}")
+            raise DatasetError(f"unknown class split {shown(repr(self.method))}; choose one of "
+                               f"{', '.join(CLASS_SPLITS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise DatasetError(f"the class split's seed must be an integer in [0, 2**32), got {self.seed!r}")
+            raise DatasetError(f"the class split's seed must be an integer in [0, 2**32), got {shown(repr(self.seed))}")
         fractions = self.fractions
         if (not 2 <= len(fractions) <= 3
-                or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions)
+                or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions)
                 or fractions[0] + fractions[1] > 1):
-            raise DatasetError(f"the class split's fractions must be 2 or 3 non-negative numbers, the first two "
-                               f"summing to at most 1 (train, val; the test classes are the rest), got {fractions!r}")
+            raise DatasetError(f"the class split's fractions must be 2 or 3 numbers in [0, 1], the first two "
+                               f"summing to at most 1 (train, val; the test classes are the rest), got "
+                               f"{shown(repr(fractions))}")
 
     def options(self) -> dict:
         """This split as ``load_dataset`` options."""
@@ -101,7 +106,7 @@ def layout(root: str | Path) -> str:
         raise DatasetError(f"Omniglot root {root} does not exist or is not a folder ({FETCH_HINT})")
     if any((root / part).exists() or (root / f"{part}.zip").exists() for part in PARTS):
         return "parts"
-    if next(root.glob("*/*/*.png"), None) is not None:
+    if next(image_paths(root, "*/*/*", SUFFIXES), None) is not None:
         return "alphabets"
     raise DatasetError(f"Omniglot root {root} holds neither {PARTS[0]}/ nor {PARTS[0]}.zip, nor one folder per "
                        f"alphabet (<Alphabet>/<character>/<image>.png) ({FETCH_HINT})")
@@ -117,12 +122,12 @@ def list_classes(root: str | Path) -> tuple[list[tuple[str, list[ImageSource]]],
     order, and the files that identify the contents."""
     root = Path(root)
     if layout(root) == "alphabets":
-        files = sorted(root.glob("*/*/*.png"))
+        files = sorted(image_paths(root, "*/*/*", SUFFIXES))
         classes = _group((path, ImageSource(str(path))) for path in files)
     else:
         sources = [_part_source(root, part) for part in PARTS]
         classes = [c for source in sources for c in _list_part(source)]
-        files = [p for s in sources for p in ([s] if s.is_file() else sorted(s.rglob("*.png")))]
+        files = [p for s in sources for p in ([s] if s.is_file() else sorted(image_paths(s, "**/*", SUFFIXES)))]
     if not classes:
         raise DatasetError(f"no Omniglot images found under {root}")
     twice = [name for name, count in Counter(name for name, _ in classes).items() if count > 1]
@@ -135,7 +140,7 @@ def load_omniglot(root: str | Path, image_size: int = 28, progress=iter, class_s
                   pixels: str = "mamlfast") -> dict[str, ClassImages]:
     """The train/val/test splits of the Omniglot at ``root``; ``class_split`` defaults to ``default_split``."""
     if pixels not in PIXELS:
-        raise DatasetError(f"unknown Omniglot pixels {pixels!r}; choose one of {', '.join(PIXELS)}")
+        raise DatasetError(f"unknown Omniglot pixels {shown(repr(pixels))}; choose one of {', '.join(PIXELS)}")
     classes, files = list_classes(root)
     split = class_split or default_split(root)
     reference_pixels = pixels == "reference"
@@ -159,9 +164,9 @@ def _part_source(root: Path, part: str) -> Path:
 def _list_part(source: Path) -> list[tuple[str, list[ImageSource]]]:
     """(``Alphabet/character``, its images) for every character of a part's folder or zip."""
     if source.is_dir():
-        return _group((path, ImageSource(str(path))) for path in source.glob("*/*/*.png"))
+        return _group((path, ImageSource(str(path))) for path in image_paths(source, "*/*/*", SUFFIXES))
     with open_zip(str(source)) as archive:
-        members = [m for m in archive.namelist() if m.lower().endswith(".png")]
+        members = [m for m in archive.namelist() if has_suffix(m, SUFFIXES)]
     for member in members:
         if len(Path(member).parts) < 3:
             raise DatasetError(f"unexpected file {member} in {source}: expected <Alphabet>/<character>/<image>.png")
