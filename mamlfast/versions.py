@@ -1,5 +1,5 @@
 """The oldest versions of what mamlfast runs on that it supports: each was run with the test suite
-(docs/compatibility.md), and CI runs them.
+(docs/install.md#supported-versions), and CI runs them.
 
 pip enforces Python and NumPy, stated again in pyproject.toml (a test keeps the two in step). torch
 is not a dependency on purpose (the build links against the torch already installed and must never

@@ -2,13 +2,16 @@
 command and CI, and one line wherever an older one is met."""
 
 import importlib
+import platform
 import re
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
+import mamlfast
 from mamlfast import versions
 from mamlfast.ops import backends
 
@@ -71,3 +74,12 @@ def test_a_too_old_triton_makes_the_triton_backend_unusable_saying_why(monkeypat
         backends._triton_problem.cache_clear()
     assert reason == ("Triton 3.5.1 is older than 3.6, the oldest that mamlfast supports: install the Triton that "
                       "your torch asks for")
+
+
+def test_info_states_the_versions_installed_and_the_oldest_supported(capsys):
+    from mamlfast.cli import main
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"mamlfast {mamlfast.__version__}: Python {platform.python_version()}, NumPy "
+                               f"{numpy.__version__}, torch {torch.__version__}, Triton ")
+    assert lines[1] == "the oldest versions supported: Python 3.10, NumPy 1.26, torch 2.11, Triton 3.6"
