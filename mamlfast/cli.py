@@ -12,10 +12,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoints, config_file, distributed, ops
+from . import __version__, checkpoints, config_file, distributed, ops, versions
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
 from .data import DATA_OPTIONS, DATASETS, infer_dataset, load_dataset
 from .data.omniglot import CLASS_SPLITS
@@ -339,12 +340,15 @@ def _val_accuracy(payload: dict) -> float:
 
 
 def run_info(_args) -> int:
-    print(f"mamlfast {__version__}, Python {platform.python_version()}, torch {torch.__version__}")
     try:
         import triton
-        print(f"triton {triton.__version__}")
+        triton_version = triton.__version__
     except ImportError:
-        print("triton: not installed")
+        triton_version = "not installed"
+    print(f"mamlfast {__version__}: Python {platform.python_version()}, NumPy {numpy.__version__}, "
+          f"torch {torch.__version__}, Triton {triton_version}")
+    print(f"the oldest versions supported: Python {versions.PYTHON}, NumPy {versions.NUMPY}, torch {versions.TORCH}, "
+          f"Triton {versions.TRITON}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]

@@ -1,6 +1,7 @@
 import copy
 import os
 
+import numpy
 import pytest
 import torch
 
@@ -10,6 +11,32 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mamlfast  # noqa: E402
+from mamlfast.versions import release  # noqa: E402
+
+
+def repair_triton_interpreter_loop_bounds():
+    """Triton's interpreter before 3.8 reads a loop bound that is a kernel argument (``range(0, rows)``)
+    with int() of a one-element array, which NumPy 2.4 refuses: "only 0-dimensional arrays can be
+    converted to Python scalars" (triton-lang/triton#9171). Triton 3.8 squeezes the array first; this
+    does the same in older Tritons. It changes the interpreter only: compiled kernels never run it."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:  # the triton backend's tests skip, saying so
+        return
+    if release(triton.__version__) >= (3, 8) or release(numpy.__version__) < (2, 4):
+        return
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor_squeezing_indices(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor_squeezing_indices
+
+
+if mamlfast.ops.backends.interpreting_triton():
+    repair_triton_interpreter_loop_bounds()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
