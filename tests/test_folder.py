@@ -198,3 +198,6 @@ def test_statistics_are_recorded_and_reused_on_resume_and_eval(tmp_path, monkeyp
     assert code == 0, err
     code, out, err = _main(capsys, "eval", "--checkpoint", "run", "--tasks", "2", "--no-progress")
     assert code == 0 and "folder test, 2 tasks" in out, err
+    code, out, err = _main(capsys, "train", "--config", "run/config.json", "--out", "again", "--stop-at", "0")
+    assert code == 130, err
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == recorded

@@ -39,7 +39,7 @@ class FewShotDataset:
     std: tuple[float, ...]
     rotate_train: bool
     options: dict = field(default_factory=dict)
-    _holders: dict = field(default_factory=dict, repr=False)  # device -> where its runs hold the images
+    _holders: dict = field(default_factory=dict, init=False, repr=False)  # device -> where its runs hold the images
 
     def sampler(self, split: str, cfg: MAMLConfig, device: torch.device | str = "cpu") -> TaskSampler:
         return TaskSampler(self.splits[split], cfg, name=split, mean=self.mean, std=self.std,

@@ -31,10 +31,10 @@ SPLITS = ("train", "val", "test")
 LAYOUT_HINT = "a folder data set is <root>/{train,val,test}/<class>/<image>, or one folder of classes with --split-file"
 
 
-def load_folder(root: str | Path, image_size: int, channels: int, progress=iter, split_file: str | Path | None = None,
-                kind: str = "folder") -> dict[str, ClassImages]:
+def load_folder(root: str | Path, image_size: int, channels: int, progress=iter,
+                split_file: str | Path | None = None) -> dict[str, ClassImages]:
     """The train/val/test splits of the folder data set at ``root`` (see the module), as images of
-    ``channels`` (1 or 3) channels and ``image_size`` pixels square, cached under ``kind``."""
+    ``channels`` (1 or 3) channels and ``image_size`` pixels square."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(f"data root {root} does not exist or is not a folder")
@@ -45,7 +45,7 @@ def load_folder(root: str | Path, image_size: int, channels: int, progress=iter,
         listed, origins = _list_split_file(root, split_file), {split: f"split file {split_file}" for split in SPLITS}
     classes = [entry for split in SPLITS for entry in listed[split]]
     mode = "L" if channels == 1 else "RGB"
-    source = Source(kind, dict(root=str(root), split_file=split_file and str(split_file)),
+    source = Source("folder", dict(root=str(root), split_file=split_file and str(split_file)),
                     dict(image_size=image_size, mode=mode),
                     fingerprint(Path(s.path) for _, sources in classes for s in sources), (channels, image_size, image_size))
     every_class = cached(source, lambda: classes, lambda listed: decode_classes(listed, image_size, mode, progress))

@@ -14,4 +14,4 @@ STD = (0.229, 0.224, 0.225)
 
 
 def load_mini_imagenet(root: str | Path, image_size: int = 84, progress=iter) -> dict[str, ClassImages]:
-    return load_folder(root, image_size, 3, progress, kind="mini-imagenet")
+    return load_folder(root, image_size, 3, progress)
