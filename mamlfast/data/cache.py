@@ -4,7 +4,7 @@ A cache file holds a data set's images as uint8 [N, C, H, W], class after class,
 that says where they came from and how they were decoded:
 
     mamlfast-images 1
-    <SHA-256 of the header, 64 hex digits> <header length> <data offset>
+    <CRC-32 of the header, 8 hex digits> <header length> <data offset>
     <the header: one line of JSON>
     <zero bytes up to the data offset, a multiple of the page size>
     <the images: N * C * H * W bytes>
@@ -13,7 +13,9 @@ The header names the source (the data set and its root) and the options that dec
 (image size, colour mode, ...), the key derived from them and from the source files' fingerprint,
 the classes' names and image counts, each class's per-channel sums of pixel values and of their
 squares (any split's normalisation statistics follow from them without reading an image), and the
-SHA-256 of every CHUNK_BYTES of the images.
+CRC-32 of every CHUNK_BYTES of the images. A checksum is there to catch damage (a torn copy, a bad
+disk), which CRC-32 does, not tampering, and it is checked whenever a process maps the file:
+CRC-32 takes less than half of SHA-256's time there (measured: 1.1 s against 2.5 s for 1.27 GB).
 
 The first process that needs a cache file decodes the images into a temporary file beside it and
 renames it into place (a cache file is never changed in place, which would pull its pages from
@@ -33,6 +35,7 @@ import logging
 import mmap
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -56,9 +59,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MAMLFAST_CACHE", Path.home() / ".cache" / "mamlfast"))
 
 
-def fingerprint(paths: Iterable[Path]) -> list:
+def fingerprint(paths: Iterable[str | os.PathLike]) -> list:
     """What identifies the contents of source files cheaply: absolute path, size, modification time."""
-    return [(os.path.abspath(p), (stat := os.stat(p)).st_size, stat.st_mtime_ns) for p in paths]
+    absolute = (p if os.path.isabs(p) else os.path.abspath(p) for p in map(os.fspath, paths))
+    return [(path, (stat := os.stat(path)).st_size, stat.st_mtime_ns) for path in absolute]
 
 
 @dataclass(frozen=True)
@@ -136,37 +140,38 @@ def _write(handle: BinaryIO, source: Source, classes: Classes, images: Iterable[
     chunks = -(-int(np.prod(shape)) // CHUNK_BYTES)
     pixels = height * width
     largest = np.array([[[count * pixels * 255] * channels, [count * pixels * 255 ** 2] * channels] for count in counts])
-    placeholder = _header(source, classes, largest, ["0" * 64] * chunks)
+    placeholder = _header(source, classes, largest, [_crc(b"")] * chunks)
     data_offset = _round_up(len(_header_lines(placeholder, 10**18)), mmap.PAGESIZE)
     handle.seek(data_offset)
-    digests = _ChunkDigests()
+    checksums = _ChunkChecksums()
     images = iter(images)
     for index, count in enumerate(counts):
         for image in islice(images, count):
             if image.shape != source.image_shape or image.dtype != np.uint8:
                 raise ValueError(f"a decoded image is {image.dtype} {image.shape}, not uint8 {source.image_shape}")
-            flat = image.reshape(channels, -1).astype(np.int64)
-            moments[index, 0] += flat.sum(1)
-            moments[index, 1] += np.einsum("ij,ij->i", flat, flat)
-            data = memoryview(np.ascontiguousarray(image)).cast("B")
+            image = np.ascontiguousarray(image)  # decoders give [C, H, W] views of [H, W, C] pixels
+            flat = image.reshape(channels, -1)
+            moments[index, 0] += flat.sum(1, dtype=np.int64)
+            moments[index, 1] += np.einsum("ij,ij->i", flat, flat, dtype=np.int64)
+            data = memoryview(image).cast("B")
             handle.write(data)
-            digests.update(data)
-    if digests.size != int(np.prod(shape)):
-        raise ValueError(f"decoded {digests.size} bytes of images, not the {int(np.prod(shape))} expected")
+            checksums.update(data)
+    if checksums.size != int(np.prod(shape)):
+        raise ValueError(f"decoded {checksums.size} bytes of images, not the {int(np.prod(shape))} expected")
     handle.seek(0)
-    handle.write(_header_lines(_header(source, classes, moments, digests.hexdigests()), data_offset))
+    handle.write(_header_lines(_header(source, classes, moments, checksums.values()), data_offset))
 
 
-def _header(source: Source, classes: Classes, moments: np.ndarray, digests: list[str]) -> dict:
+def _header(source: Source, classes: Classes, moments: np.ndarray, checksums: list[str]) -> dict:
     counts = [len(sources) for _, sources in classes]
     return dict(format=FORMAT, kind=source.kind, source=source.source, options=source.options, key=source.key,
                 shape=[sum(counts), *source.image_shape], dtype="uint8", classes=[name for name, _ in classes],
-                counts=counts, moments=moments.tolist(), chunk_bytes=CHUNK_BYTES, sha256=digests)
+                counts=counts, moments=moments.tolist(), chunk_bytes=CHUNK_BYTES, crc32=checksums)
 
 
 def _header_lines(header: dict, data_offset: int) -> bytes:
     text = json.dumps(header, sort_keys=True).encode()
-    return MAGIC + f"{hashlib.sha256(text).hexdigest()} {len(text)} {data_offset}\n".encode() + text + b"\n"
+    return MAGIC + f"{_crc(text)} {len(text)} {data_offset}\n".encode() + text + b"\n"
 
 
 def _read_header(handle: BinaryIO) -> tuple[dict, int]:
@@ -174,9 +179,9 @@ def _read_header(handle: BinaryIO) -> tuple[dict, int]:
     handle.seek(0)
     if handle.read(len(MAGIC)) != MAGIC:
         raise ValueError("not a mamlfast cache file")
-    digest, length, data_offset = handle.readline(200).decode().split()
+    checksum, length, data_offset = handle.readline(200).decode().split()
     text = handle.read(int(length))
-    if hashlib.sha256(text).hexdigest() != digest:
+    if _crc(text) != checksum:
         raise ValueError("its header does not match its checksum")
     return json.loads(text), int(data_offset)
 
@@ -190,7 +195,7 @@ def _open(path: Path, source: Source) -> tuple[ClassImages | None, str | None]:
         if problem is not None:
             return None, problem
         images = np.memmap(path, np.uint8, "r", offset=data_offset, shape=tuple(header["shape"]))
-        if _chunk_digests(images.reshape(-1)) != header["sha256"]:
+        if _chunk_checksums(images.reshape(-1)) != header["crc32"]:
             return None, "damaged (its images do not match their checksums)"
         return _class_images(images, header), None
     except FileNotFoundError:
@@ -219,34 +224,38 @@ def _class_images(images: np.ndarray, header: dict) -> ClassImages:
                        moments=torch.tensor(header["moments"], dtype=torch.int64))
 
 
-class _ChunkDigests:
-    """The SHA-256 of every CHUNK_BYTES of a stream of bytes, and of the rest."""
+class _ChunkChecksums:
+    """The CRC-32 of every CHUNK_BYTES of a stream of bytes, and of the rest."""
 
     def __init__(self):
-        self.digests: list[str] = []
-        self.current = hashlib.sha256()
+        self.done: list[str] = []
+        self.current = 0
         self.size = 0
 
     def update(self, data: memoryview) -> None:
         while data:
             take = min(len(data), CHUNK_BYTES - self.size % CHUNK_BYTES)
-            self.current.update(data[:take])
+            self.current = zlib.crc32(data[:take], self.current)
             self.size += take
             data = data[take:]
             if self.size % CHUNK_BYTES == 0:
-                self.digests.append(self.current.hexdigest())
-                self.current = hashlib.sha256()
+                self.done.append(f"{self.current:08x}")
+                self.current = 0
 
-    def hexdigests(self) -> list[str]:
-        return self.digests + ([self.current.hexdigest()] if self.size % CHUNK_BYTES else [])
+    def values(self) -> list[str]:
+        return self.done + ([f"{self.current:08x}"] if self.size % CHUNK_BYTES else [])
 
 
-def _chunk_digests(data: np.ndarray) -> list[str]:
-    """What ``_ChunkDigests`` gives for the bytes of ``data``, hashed on every core (hashlib lets go
-    of the interpreter lock while it hashes)."""
+def _chunk_checksums(data: np.ndarray) -> list[str]:
+    """What ``_ChunkChecksums`` gives for the bytes of ``data``, computed on every core (zlib lets go
+    of the interpreter lock while it sums)."""
     chunks = [data[start:start + CHUNK_BYTES] for start in range(0, len(data), CHUNK_BYTES)]
     with ThreadPoolExecutor(max(1, min(len(chunks), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda chunk: hashlib.sha256(chunk).hexdigest(), chunks))
+        return list(pool.map(_crc, chunks))
+
+
+def _crc(data) -> str:
+    return f"{zlib.crc32(data):08x}"
 
 
 def _round_up(value: int, multiple: int) -> int:

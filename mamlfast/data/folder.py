@@ -47,7 +47,7 @@ def load_folder(root: str | Path, image_size: int, channels: int, progress=iter,
     mode = "L" if channels == 1 else "RGB"
     source = Source("folder", dict(root=str(root), split_file=split_file and str(split_file)),
                     dict(image_size=image_size, mode=mode),
-                    fingerprint(Path(s.path) for _, sources in classes for s in sources), (channels, image_size, image_size))
+                    fingerprint(s.path for _, sources in classes for s in sources), (channels, image_size, image_size))
     every_class = cached(source, lambda: classes, lambda listed: decode_classes(listed, image_size, mode, progress))
     splits, first = {}, 0
     for split in SPLITS:
