@@ -3,8 +3,9 @@
 A mamlfast config file is a JSON object of ``mamlfast train`` options by name: every
 ``MAMLConfig`` field, and ``preset``, ``variant``, ``dataset``, ``data_root``, ``keep``,
 ``log_every`` and the data options ``class_split``, ``split_seed``, ``split_fractions``,
-``pixels``, ``split_file``, ``image_mean`` and ``image_std``. Each run writes its complete ``config.json`` to its output folder, so that
-``mamlfast train --config runs/x/config.json --out runs/y`` repeats it. A file of the reference
+``pixels``, ``split_file``, ``image_mean`` and ``image_std``. Each run writes its complete
+``config.json`` to its output folder, so that ``mamlfast train --config runs/x/config.json
+--out runs/y`` repeats it. A file of the reference
 implementation's keys is translated by ``mamlfast.reference_config``; the two kinds are told
 apart by their keys.
 """

@@ -150,12 +150,24 @@ def test_chunk_checksums_of_a_stream_equal_those_of_the_whole(monkeypatch, sizes
     assert len(stream.values()) == -(-len(data) // 1000)
 
 
-def test_a_cache_of_many_chunks_reads_back(tmp_path, monkeypatch, caplog):
+def test_a_cache_of_many_chunks_and_blocks_reads_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cache, "CHUNK_BYTES", 4096)  # 64 images of 768 bytes: 12 chunks
+    monkeypatch.setattr(cache, "BLOCK_IMAGES", 3)  # classes of 4 images: written in 2 blocks each
     root = make_folder(tmp_path / "data")
     dataset = load_dataset("folder", CFG, root)
     header, _ = _header(_cache_file())
     assert len(header["crc32"]) == 12
+    pixels = dataset.splits["train"].images.double() / 255  # [N, C, H, W]
+    torch.testing.assert_close(torch.tensor(dataset.mean, dtype=torch.float64), pixels.mean((0, 2, 3)),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.tensor(dataset.std, dtype=torch.float64), pixels.std((0, 2, 3), unbiased=False),
+                               rtol=1e-10, atol=0)
+    with monkeypatch.context() as whole_classes:
+        whole_classes.setattr(cache, "BLOCK_IMAGES", 256)
+        whole_classes.setenv("MAMLFAST_CACHE", str(tmp_path / "other-cache"))
+        written_whole = load_dataset("folder", CFG, root)
+    for split in dataset.splits:
+        assert torch.equal(written_whole.splits[split].images, dataset.splits[split].images)
     with caplog.at_level(logging.WARNING, logger="mamlfast.data.cache"):
         again = load_dataset("folder", CFG, root)
     assert not caplog.text and torch.equal(again.splits["test"].images, dataset.splits["test"].images)

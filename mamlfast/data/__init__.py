@@ -1,4 +1,4 @@
-"""Few-shot data sets, decoded once into a cache file that every process maps, and the task sampler that indexes them."""
+"""Few-shot data sets, decoded once into a cache file that every process maps, and the task sampler."""
 
 from __future__ import annotations
 

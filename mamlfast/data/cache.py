@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 MAGIC = b"mamlfast-images 1\n"
 CHUNK_BYTES = 64 * 2**20
+BLOCK_IMAGES = 256  # images written at a time
 SUFFIX = ".images"
 
 
@@ -139,21 +140,21 @@ def _write(handle: BinaryIO, source: Source, classes: Classes, images: Iterable[
     moments = np.zeros((len(counts), 2, channels), dtype=np.int64)
     chunks = -(-int(np.prod(shape)) // CHUNK_BYTES)
     pixels = height * width
-    largest = np.array([[[count * pixels * 255] * channels, [count * pixels * 255 ** 2] * channels] for count in counts])
+    largest = np.array([[[n * pixels * 255] * channels, [n * pixels * 255 ** 2] * channels] for n in counts])
     placeholder = _header(source, classes, largest, [_crc(b"")] * chunks)
     data_offset = _round_up(len(_header_lines(placeholder, 10**18)), mmap.PAGESIZE)
     handle.seek(data_offset)
     checksums = _ChunkChecksums()
     images = iter(images)
     for index, count in enumerate(counts):
-        for image in islice(images, count):
-            if image.shape != source.image_shape or image.dtype != np.uint8:
-                raise ValueError(f"a decoded image is {image.dtype} {image.shape}, not uint8 {source.image_shape}")
-            image = np.ascontiguousarray(image)  # decoders give [C, H, W] views of [H, W, C] pixels
-            flat = image.reshape(channels, -1)
-            moments[index, 0] += flat.sum(1, dtype=np.int64)
-            moments[index, 1] += np.einsum("ij,ij->i", flat, flat, dtype=np.int64)
-            data = memoryview(image).cast("B")
+        for start in range(0, count, BLOCK_IMAGES):  # a class's images a block at a time: less work per image
+            block = np.ascontiguousarray(np.stack(list(islice(images, min(BLOCK_IMAGES, count - start)))))
+            if block.shape[1:] != source.image_shape or block.dtype != np.uint8:
+                raise ValueError(f"decoded images are {block.dtype} {block.shape[1:]}, not uint8 {source.image_shape}")
+            rows = block.reshape(-1, height * width)  # [n * C, H * W]; numpy sums 2-d rows fastest
+            moments[index, 0] += rows.sum(1, dtype=np.int64).reshape(-1, channels).sum(0)
+            moments[index, 1] += np.einsum("ij,ij->i", rows, rows, dtype=np.int64).reshape(-1, channels).sum(0)
+            data = memoryview(block).cast("B")
             handle.write(data)
             checksums.update(data)
     if checksums.size != int(np.prod(shape)):

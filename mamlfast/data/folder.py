@@ -94,7 +94,8 @@ def _list_split_file(root: Path, split_file: Path) -> dict[str, list[tuple[str, 
                 raise DatasetError(f"split file {split_file} names the class {name} twice ({seen[folder]} and {split})")
             seen[folder] = split
             if not os.path.isdir(folder):
-                raise DatasetError(f"split file {split_file} names the {split} class {name}, but {folder} is not a folder")
+                raise DatasetError(f"split file {split_file} names the {split} class {name}, but {folder} is not a "
+                                   f"folder")
             classes.append((folder, _images(folder)))
         listed[split] = _checked(split, classes, f"split file {split_file}")
     return listed
