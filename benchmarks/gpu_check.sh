@@ -149,7 +149,8 @@ meta_step() {  # meta_step PRESET LIMIT
     --json "$out/meta_step-$1.json"
 }
 gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_step.py)
-more_gpu_tests=(tests/test_kernel_reductions.py tests/test_op_arguments.py tests/test_recompute.py tests/test_max_pool.py tests/test_conv.py)
+more_gpu_tests=(tests/test_kernel_reductions.py tests/test_op_arguments.py tests/test_recompute.py
+  tests/test_max_pool.py tests/test_conv.py tests/test_data.py::test_images_held_on_the_host_give_the_batches_of_images_held_on_the_gpu)
 
 step info 30 "$py" -m mamlfast info
 meta_step omniglot-20w1s 150

@@ -61,14 +61,16 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        help=f"the paper's configuration (default {DEFAULT_PRESET}; on --resume, the checkpoint's)")
     train.add_argument("--variant", choices=VARIANTS, default=None, help="maml++ (default), maml or fomaml")
     train.add_argument("--dataset", choices=DATASETS, default=None,
-                       help="default: the one --data-root holds, else synthetic (built in)")
+                       help="default: the one --data-root holds, else synthetic (built in); folder: any data set "
+                            "arranged as one folder per class")
     train.add_argument("--data-root", default=None,
-                       help="folder of the omniglot or mini-imagenet data (omniglot default: ~/.cache/mamlfast/omniglot)")
+                       help="folder of the data (omniglot default: ~/.cache/mamlfast/omniglot)")
     train.add_argument("--class-split", choices=CLASS_SPLITS, default=None,
                        help="Omniglot's class split: mamlfast's fixed split, or the reference code's from its seed "
                             "(default: the reference's for one folder of all alphabets and for reference configs)")
     train.add_argument("--split-seed", type=int, default=None, metavar="N",
                        help="seed of the Omniglot class split (the reference's val_seed; default 0)")
+    _add_folder_options(train)
     train.add_argument("--download", action="store_true",
                        help="fetch Omniglot's two zips into --data-root first, checking their MD5 sums")
     train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<preset>-<variant>)")
@@ -103,6 +105,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="versions, devices, and which backends can run")
     return parser
+
+
+def _add_folder_options(train) -> None:
+    train.add_argument("--split-file", default=None, metavar="FILE",
+                       help="for --dataset folder with one folder of classes: a JSON object naming the classes "
+                            "(folders under --data-root) of each split, {\"train\": [...], \"val\": [...], "
+                            "\"test\": [...]}")
 
 
 def _add_field_option(group, field: dataclasses.Field) -> None:
@@ -176,7 +185,8 @@ def run_train(args) -> int:
     given = dict(_given(args, ("dataset", *RUN_DEFAULTS)), data_options=_given(args, DATA_OPTIONS),
                  **({"data_root": data_root} if data_root else {}))
     dataset_name = args.dataset or ("omniglot" if args.download else
-                                    infer_dataset(data_root) if data_root and not args.resume else "synthetic")
+                                    infer_dataset(data_root, args.split_file) if data_root and not args.resume
+                                    else "synthetic")
     out = Path(args.out or f"runs/{dataset_name}-{preset}-{variant}")
     latest = out / "checkpoints" / "latest.pt"
     if args.resume:
@@ -209,6 +219,7 @@ def run_train(args) -> int:
             say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
                 f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
                 f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
+            say(f"data: {dataset.placement(device)}")
             trainer.fit(stop_at=args.stop_at)
             summary = trainer.test()
     ranks.barrier()  # no rank leaves the process group while another still uses it

@@ -2,9 +2,10 @@
 
 A mamlfast config file is a JSON object of ``mamlfast train`` options by name: every
 ``MAMLConfig`` field, and ``preset``, ``variant``, ``dataset``, ``data_root``, ``keep``,
-``log_every`` and the data options ``class_split``, ``split_seed``, ``split_fractions`` and
-``pixels``. Each run writes its complete ``config.json`` to its output folder, so that
-``mamlfast train --config runs/x/config.json --out runs/y`` repeats it. A file of the reference
+``log_every`` and the data options ``class_split``, ``split_seed``, ``split_fractions``,
+``pixels``, ``split_file``, ``image_mean`` and ``image_std``. Each run writes its complete
+``config.json`` to its output folder, so that ``mamlfast train --config runs/x/config.json
+--out runs/y`` repeats it. A file of the reference
 implementation's keys is translated by ``mamlfast.reference_config``; the two kinds are told
 apart by their keys.
 """
@@ -25,6 +26,7 @@ from .files import shown, write_json
 RUN_OPTIONS = {
     "preset": "str", "variant": "str", "dataset": "str", "data_root": "str | None", "keep": "int",
     "log_every": "int", "class_split": "str", "split_seed": "int", "split_fractions": "list", "pixels": "str",
+    "split_file": "str", "image_mean": "list", "image_std": "list",
 }
 OPTIONS = {**RUN_OPTIONS, **{f.name: f.type for f in dataclasses.fields(MAMLConfig)}}
 

@@ -18,7 +18,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 try:
     import fcntl
@@ -178,20 +178,64 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]
         os.close(descriptor)  # releases the lock
 
 
+@contextmanager
+def waiting_lock(path: str | os.PathLike, waiting: Callable[[str], None] = lambda holder: None) -> Iterator[None]:
+    """Hold the lock file ``path`` (created if need be) while the block runs, first waiting for
+    any other process that holds it; ``waiting`` is told who holds it before the wait begins.
+
+    As for ``folder_lock``, the operating system drops the lock when its process ends, however it
+    ends; where the file system has no locks, a warning says so and the block runs unprotected.
+    """
+    with writing(path):
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            _flock(descriptor, blocking=False)
+        except BlockingIOError:
+            waiting(_holder(descriptor))
+            _flock(descriptor, blocking=True)
+        except OSError as error:
+            _unprotected(path, error)
+            yield
+            return
+        with writing(path):
+            _stamp(descriptor)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def _lock(descriptor: int, folder: str, wait: bool) -> None:
     try:
-        if fcntl is None:
-            raise OSError("no fcntl module on this platform")
-        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        _flock(descriptor, blocking=wait)
     except BlockingIOError:
-        holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "a process"
-        raise FolderInUse(f"{folder} is in use by another run ({holder}): wait for it to end, "
+        raise FolderInUse(f"{folder} is in use by another run ({_holder(descriptor)}): wait for it to end, "
                           f"or use another folder") from None
     except OSError as error:
-        log.warning("cannot lock %s (%s): nothing stops another run from writing there at the same time",
-                    folder, error.strerror or error)
+        _unprotected(folder, error)
         return
     with writing(os.path.join(folder, LOCK_NAME)):  # who holds it, for the message of another run
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}, "
-                              f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        _stamp(descriptor)
+
+
+def _flock(descriptor: int, blocking: bool) -> None:
+    if fcntl is None:
+        raise OSError("no fcntl module on this platform")
+    fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+
+
+def _unprotected(path: str | os.PathLike, error: OSError) -> None:
+    log.warning("cannot lock %s (%s): nothing stops another process from writing there at the same time",
+                path, error.strerror or error)
+
+
+def _holder(descriptor: int) -> str:
+    """Who holds a lock, as its holder wrote it into the lock file."""
+    return os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "a process"
+
+
+def _stamp(descriptor: int) -> None:
+    """Write who holds the lock into the lock file, for whoever finds it held."""
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}, "
+                          f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)

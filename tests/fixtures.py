@@ -41,6 +41,9 @@ def make_omniglot(root: Path, alphabets=(("Alpha", 20), ("Beta", 20)), evaluatio
     return root
 
 
+MINI_IMAGENET_CLASSES = (("train", 64), ("val", 16), ("test", 20))
+
+
 def make_mini_imagenet(root: Path, classes=(("train", 6), ("val", 5), ("test", 5)), images_per_class: int = 4,
                        size: int = 20, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
@@ -77,3 +80,30 @@ def full_disk(monkeypatch, name: str) -> None:
             os.close(full)
         return descriptor
     monkeypatch.setattr(files, "_create", create_on_a_full_disk)
+
+
+# (extension, PIL mode) of a folder data set's images, in turn: grayscale, colour, palette and
+# opaque-alpha images in several formats, extensions in either case
+FOLDER_FORMATS = (("png", "L"), ("JPG", "RGB"), ("bmp", "RGB"), ("gif", "P"), ("Png", "RGBA"), ("tiff", "RGB"))
+
+
+def make_folder(root: Path, classes=(("train", 6), ("val", 5), ("test", 5)), images_per_class: int = 4,
+                seed: int = 0) -> Path:
+    """A folder data set: ``root``/<split>/<class>/<image> for each (split, classes), or
+    ``root``/<class>/<image> for a split of None; images of odd sizes in the FOLDER_FORMATS."""
+    rng = np.random.default_rng(seed)
+    made = 0
+    for split, count in classes:
+        for c in range(count):
+            folder = root / split / f"{split}-class{c}" if split else root / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(images_per_class):
+                suffix, mode = FOLDER_FORMATS[made % len(FOLDER_FORMATS)]
+                made += 1
+                width, height = (int(n) for n in rng.integers(7, 40, 2))
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels).convert(mode)
+                if mode == "RGBA":
+                    image.putalpha(255)
+                image.save(folder / f"image{i}.{suffix}")
+    return root

@@ -16,7 +16,7 @@ import torch
 
 import mamlfast
 from conftest import DEVICE, random_batch
-from fixtures import full_disk, make_mini_imagenet
+from fixtures import MINI_IMAGENET_CLASSES, full_disk, make_mini_imagenet
 from mamlfast import checkpoints, files
 from mamlfast.data import load_dataset
 from mamlfast.step import MetaStep, make_optimizer
@@ -393,7 +393,7 @@ def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, ca
 
 def test_the_dataset_is_told_from_the_data_root(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    make_mini_imagenet(tmp_path / "mini")
+    make_mini_imagenet(tmp_path / "mini", MINI_IMAGENET_CLASSES, 1, size=4)
     _one_line_error(*_main(capsys, *TRAIN, "--data-root", "mini")[::2], "mini-imagenet images have 3 channel(s)")
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..files import atomic_open, folder_lock, remove_temporaries
-from .images import DatasetError, cache_dir
+from .cache import cache_dir
+from .images import DatasetError
 from .omniglot import PARTS
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from ..files import shown
-from .images import (ClassImages, DatasetError, ImageSource, cached, decode_classes, fingerprint, has_suffix,
-                     image_paths, open_zip)
+from .cache import Source, cached, fingerprint
+from .images import ClassImages, DatasetError, ImageSource, decode_classes, has_suffix, image_paths, open_zip
 
 PARTS = ("images_background", "images_evaluation")
 SUFFIXES = (".png",)  # in any case
@@ -117,17 +117,24 @@ def default_split(root: str | Path) -> ClassSplit:
     return ClassSplit("reference" if layout(root) == "alphabets" else "mamlfast")
 
 
-def list_classes(root: str | Path) -> tuple[list[tuple[str, list[ImageSource]]], list[Path]]:
-    """Every class of the Omniglot at ``root`` as (``Alphabet/character``, its images), in listing
-    order, and the files that identify the contents."""
+def source_files(root: str | Path) -> list[Path]:
+    """The files that hold the Omniglot at ``root``: the parts' zips, or every image."""
     root = Path(root)
     if layout(root) == "alphabets":
-        files = sorted(image_paths(root, "*/*/*", SUFFIXES))
+        return sorted(image_paths(root, "*/*/*", SUFFIXES))
+    sources = [_part_source(root, part) for part in PARTS]
+    return [p for s in sources for p in ([s] if s.is_file() else sorted(image_paths(s, "**/*", SUFFIXES)))]
+
+
+def list_classes(root: str | Path) -> tuple[list[tuple[str, list[ImageSource]]], list[Path]]:
+    """Every class of the Omniglot at ``root`` as (``Alphabet/character``, its images), in listing
+    order, and the files that hold them (``source_files``)."""
+    root = Path(root)
+    files = source_files(root)
+    if layout(root) == "alphabets":
         classes = _group((path, ImageSource(str(path))) for path in files)
     else:
-        sources = [_part_source(root, part) for part in PARTS]
-        classes = [c for source in sources for c in _list_part(source)]
-        files = [p for s in sources for p in ([s] if s.is_file() else sorted(image_paths(s, "**/*", SUFFIXES)))]
+        classes = [c for part in PARTS for c in _list_part(_part_source(root, part))]
     if not classes:
         raise DatasetError(f"no Omniglot images found under {root}")
     twice = [name for name, count in Counter(name for name, _ in classes).items() if count > 1]
@@ -141,16 +148,17 @@ def load_omniglot(root: str | Path, image_size: int = 28, progress=iter, class_s
     """The train/val/test splits of the Omniglot at ``root``; ``class_split`` defaults to ``default_split``."""
     if pixels not in PIXELS:
         raise DatasetError(f"unknown Omniglot pixels {shown(repr(pixels))}; choose one of {', '.join(PIXELS)}")
-    classes, files = list_classes(root)
     split = class_split or default_split(root)
     reference_pixels = pixels == "reference"
 
-    def decode():
+    def decode(classes):
         decoded = decode_classes(classes, image_size, "L", progress, resize_first=reference_pixels)
-        return decoded if reference_pixels else _invert(decoded)
+        return decoded if reference_pixels else (255 - image for image in decoded)  # ink bright on black
 
-    all_classes = cached("omniglot", dict(root=fingerprint(files), size=image_size, pixels=pixels), decode,
-                         classes, (1, image_size, image_size))
+    source = Source("omniglot", dict(root=str(Path(root).resolve()), layout=layout(root)),
+                    dict(image_size=image_size, pixels=pixels), fingerprint(source_files(root)),
+                    (1, image_size, image_size))
+    all_classes = cached(source, lambda: list_classes(root)[0], decode)
     return {name: all_classes.select(indices) for name, indices in split.indices(all_classes.names).items()}
 
 
@@ -179,7 +187,3 @@ def _group(images: Iterable[tuple[Path, ImageSource]]) -> list[tuple[str, list[I
     for path, source in images:
         by_class.setdefault(f"{path.parent.parent.name}/{path.parent.name}", []).append(source)
     return [(name, sorted(by_class[name], key=str)) for name in sorted(by_class)]
-
-
-def _invert(classes: ClassImages) -> ClassImages:
-    return ClassImages(255 - classes.images, classes.counts, classes.names)
