@@ -271,14 +271,11 @@ template <typename Op> cudaError_t launch(const Op& op, const GroupShape& s, voi
   if (s.groups == 0) return cudaSuccess;
   const Split split = split_groups(s, Op::kVec);
   const int64_t blocks = s.groups * split.blocks;
-  if (split.blocks == 1) {
-    apply_kernel<Op, false><<<blocks, kThreads, 0, stream>>>(op, s, split, nullptr);
-  } else {
-    auto* partial = static_cast<typename Op::A*>(workspace);
-    partial_sums_kernel<Op><<<blocks, kThreads, 0, stream>>>(op, s, split, partial);
-    apply_kernel<Op, true><<<blocks, kThreads, 0, stream>>>(op, s, split, partial);
-  }
-  return cudaGetLastError();
+  if (split.blocks == 1) return launch_kernel(apply_kernel<Op, false>, blocks, kThreads, stream, op, s, split, nullptr);
+  auto* partial = static_cast<typename Op::A*>(workspace);
+  const cudaError_t status = launch_kernel(partial_sums_kernel<Op>, blocks, kThreads, stream, op, s, split, partial);
+  if (status != cudaSuccess) return status;
+  return launch_kernel(apply_kernel<Op, true>, blocks, kThreads, stream, op, s, split, partial);
 }
 
 // Calls make.template operator()<T, VEC>() with T the type of dtype and VEC the run length of s.
