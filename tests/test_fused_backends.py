@@ -7,6 +7,8 @@ conftest.py), so the shapes are small, and the CUDA cases skip; with a GPU Trito
 compiled, on CUDA tensors.
 """
 
+import functools
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -36,10 +38,12 @@ def _inputs(shape, dtype, seed=0, device=DEVICE):
 
 
 def _derivatives(backend, x, weight, bias, seed=1):
-    """Output, first derivatives, and second derivatives along a random direction, of batch norm."""
+    """Output, first derivatives, and second derivatives along a random direction, of batch norm by
+    ``backend``: a backend's name, or a function of (x, weight, bias)."""
+    norm = backend if callable(backend) else functools.partial(ops.task_batch_norm, backend=backend)
     x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
     g = torch.Generator().manual_seed(seed)
-    out = ops.task_batch_norm(x, weight, bias, backend=backend)
+    out = norm(x, weight, bias)
     upstream = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
     first = torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
     directions = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in first]

@@ -6,6 +6,8 @@ CUDA extension's cases run on a GPU only, at shapes its own policy splits (at le
 per block, while the grid has fewer than 2 blocks per multiprocessor).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -115,9 +117,11 @@ def _segment_case(columns, segments, rows=3, order="shuffled", index_dtype=torch
 
 
 def _lslr_derivatives(backend, params, grads, lrs, ids):
-    """Output, first derivatives, and second derivatives along a fixed direction."""
+    """Output, first derivatives, and second derivatives along a fixed direction, of the LSLR update
+    by ``backend``: a backend's name, or a function of (params, grads, lrs, ids)."""
+    update = backend if callable(backend) else functools.partial(ops.lslr_update, backend=backend)
     inputs = [t.detach().requires_grad_() for t in (params, grads, lrs)]
-    out = ops.lslr_update(*inputs, ids, backend=backend)
+    out = update(*inputs, ids)
     upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
     second = torch.autograd.grad(first[1].square().sum() + first[2].square().sum(), inputs,

@@ -9,7 +9,6 @@ call, towards the mean over tasks of the per-task batch mean and unbiased varian
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -86,15 +85,15 @@ def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training,
     return out
 
 
-def _fused_task_batch_norm(module, x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """Batch-statistics normalisation by the kernels of ``batch_norm_<module>.py``.
+def _fused_task_batch_norm(kernels, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Batch-statistics normalisation by ``kernels`` (a module like ``batch_norm_triton.py``), which
+    read every tensor as contiguous: they get them so.
 
     Normalising with fixed running statistics is one affine map: the torch path does it.
     """
     if not training:
         return _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
-    kernels = importlib.import_module(f".batch_norm_{module}", __package__)
-    out, mean, var = _TaskBatchNorm.apply(x.contiguous(), weight, bias, eps, kernels)
+    out, mean, var = _TaskBatchNorm.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, kernels)
     if running_mean is not None and x.numel():
         values = x.numel() // x.shape[1]
         with torch.no_grad():
@@ -151,9 +150,16 @@ class _TaskBatchNormBackward(torch.autograd.Function):
         return grad_grad_out, grad_x, grad_weight, None, None, None
 
 
+def _with_kernels(module: str):
+    """The fused path with the kernels of ``batch_norm_<module>.py``, imported at the first call."""
+    def implementation(*args):
+        return _fused_task_batch_norm(importlib.import_module(f".batch_norm_{module}", __package__), *args)
+    return implementation
+
+
 _IMPLEMENTATIONS = {
     "torch": _torch_task_batch_norm,
-    "triton": functools.partial(_fused_task_batch_norm, "triton"),
-    "cuda": functools.partial(_fused_task_batch_norm, "extension"),
-    "cpp": functools.partial(_fused_task_batch_norm, "extension"),
+    "triton": _with_kernels("triton"),
+    "cuda": _with_kernels("extension"),
+    "cpp": _with_kernels("extension"),
 }

@@ -17,7 +17,8 @@ written <.>, the maths is:
                             + gdgamma r (dy - <dy> - xh <dy xh>)
                      g_gamma_g = r M (<gdx dy> - <gdx><dy> - <gdx xh><dy xh>)
 
-The per-group gamma gradients are summed over tasks by the caller.
+The per-group gamma gradients are summed over tasks by the caller. Every tensor comes contiguous
+(batch_norm.py makes them so): the kernels index the activations, weight and bias as such.
 
 Each kernel makes a few sums over a group, then applies them to each value. One program
 handles one group (PASS "whole"), unless the groups are too few to occupy the GPU: then a
