@@ -74,6 +74,16 @@ def test_batch_norm_float32_and_running_statistics(backend):
     torch.testing.assert_close(evaluated[backend], evaluated["torch"])
 
 
+def test_float64_eps_is_not_rounded_to_float32(backend):
+    """Groups whose variance (about 1e-9) is far below eps: 1/sqrt(var + eps) follows eps, which rounded to
+    float32 (9.99999975e-6) would move the outputs by up to 5e-10 here. Compiled Triton passed eps as float32
+    before; its interpreter, the extension and torch never did."""
+    x, weight, bias = _inputs((4, 2, 3, 5), torch.float64, device=device_of(backend))
+    x = (x - 2) * 1e-5
+    torch.testing.assert_close(ops.task_batch_norm(x, weight, bias, eps=1e-5, backend=backend),
+                               ops.task_batch_norm(x, weight, bias, eps=1e-5, backend="torch"), rtol=1e-13, atol=1e-13)
+
+
 def test_batch_norm_gradcheck_and_gradgradcheck(backend):
     inputs = [t.requires_grad_() for t in _inputs((3, 2, 2, 2), torch.float64, device=device_of(backend))]
 

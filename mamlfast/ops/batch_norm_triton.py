@@ -93,6 +93,27 @@ def _combined(PARTIAL, group, splits, k, SUMS: tl.constexpr, SPLITS: tl.constexp
 
 
 @triton.jit
+def _mean(total, M, ACC: tl.constexpr):
+    """total / M rounded to nearest, as the CUDA kernels divide (float32's `/` would compile to div.full.f32, an
+    approximation)."""
+    if ACC == tl.float32:
+        return tl.div_rn(total, M.to(tl.float32))
+    else:
+        return total / M
+
+
+@triton.jit
+def _rstd(var, eps, ACC: tl.constexpr):
+    """1/sqrt(var + eps) with the square root and the division rounded to nearest, as in the CUDA kernels
+    (tl.sqrt would compile to sqrt.approx.ftz.f32); eps comes as float64 and is rounded to ACC, as there."""
+    shifted = var + tl.full([], eps, ACC)
+    if ACC == tl.float32:
+        return tl.div_rn(1.0, tl.sqrt_rn(shifted))
+    else:
+        return 1.0 / tl.sqrt(shifted)
+
+
+@triton.jit
 def _forward_sums(X, group, begin, end, shift, groups,
                   HW: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
     total = tl.zeros([BLOCK], ACC)
@@ -106,7 +127,7 @@ def _forward_sums(X, group, begin, end, shift, groups,
 
 
 @triton.jit
-def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channels, M, chunk, splits, eps,
+def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channels, M, chunk, splits, eps: tl.float64,
                     HW: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr, SPLITS: tl.constexpr,
                     VEC: tl.constexpr, ACC: tl.constexpr):
     group, begin, end = _program_chunk(M, chunk, splits)
@@ -115,10 +136,10 @@ def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channe
     if PASS == "single":  # the whole group fits in one block: read it once
         offsets, mask = _group_offsets(group, 0, M, groups, HW, BLOCK, VEC)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-        mean = tl.sum(x, 0) / M
+        mean = _mean(tl.sum(x, 0), M, ACC)
         centred = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(centred * centred, 0) / M
-        rstd = 1.0 / tl.sqrt(var + eps)
+        var = _mean(tl.sum(centred * centred, 0), M, ACC)
+        rstd = _rstd(var, eps, ACC)
         tl.store(Y + offsets, (centred * rstd * weight + bias).to(Y.dtype.element_ty), mask=mask)
         tl.store(MEAN + group, mean)
         tl.store(VAR + group, var)
@@ -137,10 +158,10 @@ def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channe
                 squares = _combined(PARTIAL, group, splits, 1, 2, SPLITS)
             else:
                 total, squares = _forward_sums(X, group, 0, M, shift, groups, HW, BLOCK, VEC, ACC)
-            shifted_mean = total / M
-            var = tl.maximum(squares / M - shifted_mean * shifted_mean, 0.0)
+            shifted_mean = _mean(total, M, ACC)
+            var = tl.maximum(_mean(squares, M, ACC) - shifted_mean * shifted_mean, 0.0)
             mean = shifted_mean + shift
-            rstd = 1.0 / tl.sqrt(var + eps)
+            rstd = _rstd(var, eps, ACC)
             for start in range(begin, end, BLOCK):
                 offsets, mask = _group_offsets(group, start, end, groups, HW, BLOCK, VEC)
                 x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
@@ -184,8 +205,8 @@ def _backward_kernel(DY, X, WEIGHT, MEAN, RSTD, DX, DWEIGHT, DBIAS, PARTIAL, gro
         else:
             sum_dy, sum_dy_xh = _backward_sums(DY, X, group, 0, M, mean, rstd, groups, HW, BLOCK, VEC, ACC)
         weight = tl.load(WEIGHT + group % channels).to(ACC)
-        mean_dy = sum_dy / M
-        mean_dy_xh = sum_dy_xh / M
+        mean_dy = _mean(sum_dy, M, ACC)
+        mean_dy_xh = _mean(sum_dy_xh, M, ACC)
         for start in range(begin, end, BLOCK):
             offsets, mask = _group_offsets(group, start, end, groups, HW, BLOCK, VEC)
             xh = (tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean) * rstd
@@ -249,11 +270,11 @@ def _double_backward_kernel(DY, X, WEIGHT, MEAN, RSTD, GDX, GDWEIGHT, GDBIAS, G_
         weight = tl.load(WEIGHT + group % channels).to(ACC)
         gdweight = tl.load(GDWEIGHT + group % channels).to(ACC)
         gdbias = tl.load(GDBIAS + group % channels).to(ACC)
-        mean_dy = sum_dy / M
-        mean_dy_xh = sum_dy_xh / M
-        mean_gdx = sum_gdx / M
-        mean_gdx_xh = sum_gdx_xh / M
-        covariance = sum_gdx_dy / M - mean_gdx * mean_dy
+        mean_dy = _mean(sum_dy, M, ACC)
+        mean_dy_xh = _mean(sum_dy_xh, M, ACC)
+        mean_gdx = _mean(sum_gdx, M, ACC)
+        mean_gdx_xh = _mean(sum_gdx_xh, M, ACC)
+        covariance = _mean(sum_gdx_dy, M, ACC) - mean_gdx * mean_dy
         for start in range(begin, end, BLOCK):
             offsets, mask = _group_offsets(group, start, end, groups, HW, BLOCK, VEC)
             xh = (tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean) * rstd
