@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import MAMLConfig
 
-# reference key -> the mamlfast option(s) it sets (README: "Coming from the reference code")
+# reference key -> the mamlfast option(s) it sets (docs/reference-code.md)
 MAPPED = {
     "num_classes_per_set": "n_way",
     "num_samples_per_class": "k_shot",

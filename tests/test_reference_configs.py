@@ -381,11 +381,10 @@ def test_command_line_mistakes_get_one_line(tmp_path, capsys, monkeypatch, args,
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
-def test_readme_maps_every_reference_key():
-    readme = (REPOSITORY / "README.md").read_text()
-    section = readme[readme.index("## Coming from the reference code"):]
-    missing = [key for key in reference_config.KEYS if f"`{key}`" not in section]
-    assert not missing, f"README's reference section does not mention {missing}"
+def test_the_docs_map_every_reference_key():
+    page = (REPOSITORY / "docs" / "reference-code.md").read_text()
+    missing = [key for key in reference_config.KEYS if f"`{key}`" not in page]
+    assert not missing, f"docs/reference-code.md does not mention {missing}"
 
 
 def test_a_config_file_takes_recompute_as_true_false_or_auto(tmp_path):
