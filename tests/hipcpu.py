@@ -29,6 +29,8 @@ from types import SimpleNamespace
 
 import torch
 
+from mamlfast.ops.batch_norm import KERNEL_VARIANTS
+
 ROOT = Path(__file__).parents[1]
 CSRC = ROOT / "csrc"
 BUILDS = ROOT / "build" / "hipcpu"
@@ -132,12 +134,13 @@ def build() -> Path:
 _SIGNATURES = {
     "mamlfast_hipcpu_set_multiprocessors": (None, [ctypes.c_int]),
     "mamlfast_hipcpu_error_string": (ctypes.c_char_p, [ctypes.c_int]),
-    "mamlfast_batch_norm_workspace_bytes": (ctypes.c_size_t, [ctypes.c_int] + [ctypes.c_int64] * 4),
-    "mamlfast_batch_norm_forward": (ctypes.c_int, [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
-                                    + [ctypes.c_double] + [ctypes.c_void_p] * 5),
-    "mamlfast_batch_norm_backward": (ctypes.c_int, [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 9),
-    "mamlfast_batch_norm_double_backward": (ctypes.c_int,
-                                            [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 12),
+    "mamlfast_batch_norm_workspace_bytes": (ctypes.c_size_t, [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]),
+    "mamlfast_batch_norm_forward": (ctypes.c_int, [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+                                    + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 5),
+    "mamlfast_batch_norm_backward": (ctypes.c_int, [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+                                     + [ctypes.c_void_p] * 9),
+    "mamlfast_batch_norm_double_backward": (ctypes.c_int, [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+                                            + [ctypes.c_void_p] * 12),
     "mamlfast_segment_axpy": (ctypes.c_int, [ctypes.c_int] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5),
     "mamlfast_segment_dot_workspace_bytes": (ctypes.c_size_t, [ctypes.c_int] + [ctypes.c_int64] * 2),
     "mamlfast_segment_dot": (ctypes.c_int, [ctypes.c_int] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5),
@@ -179,49 +182,52 @@ def _workspace(size: int) -> torch.Tensor:
     return torch.full((size,), 255, dtype=torch.uint8)
 
 
-def _groups(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
-    """GroupShape of x [N, B*C, H, W]: samples, groups, channels, pixels."""
-    return x.shape[0], x.shape[1], weight.shape[0], x.shape[2] * x.shape[3]
+def _groups(x: torch.Tensor, weight: torch.Tensor, variant: str) -> tuple[int, int, int, int, int]:
+    """GroupShape of x [N, B*C, H, W] (samples, groups, channels, pixels), and the variant's number."""
+    return x.shape[0], x.shape[1], weight.shape[0], x.shape[2] * x.shape[3], KERNEL_VARIANTS.index(variant)
 
 
-def batch_norm_forward(x, weight, bias, eps):
-    shape = _groups(x, weight)
+def batch_norm_workspace_bytes(x, weight, variant="default") -> int:
+    return library().mamlfast_batch_norm_workspace_bytes(DTYPES[x.dtype], *_groups(x, weight, variant))
+
+
+def batch_norm_forward(x, weight, bias, eps, variant="default"):
+    shape = _groups(x, weight, variant)
     y = torch.full_like(x, float("nan"))
     stats = [_poisoned(x.shape[1], dtype=_statistics_type(x), like=x) for _ in range(3)]
     if shape[0] * shape[3] == 0:  # means of no values
         return y, *stats
-    dtype = DTYPES[x.dtype]
-    workspace = _workspace(library().mamlfast_batch_norm_workspace_bytes(dtype, *shape))
-    _check(library().mamlfast_batch_norm_forward(dtype, *shape, *map(_pointer, (x, weight, bias)), eps,
+    workspace = _workspace(batch_norm_workspace_bytes(x, weight, variant))
+    _check(library().mamlfast_batch_norm_forward(DTYPES[x.dtype], *shape, *map(_pointer, (x, weight, bias)), eps,
                                                  *map(_pointer, (y, *stats, workspace))), "batch_norm_forward")
     return y, *stats
 
 
-def batch_norm_backward(grad_out, x, weight, mean, rstd):
-    shape = _groups(x, weight)
+def batch_norm_backward(grad_out, x, weight, mean, rstd, variant="default"):
+    shape = _groups(x, weight, variant)
     grad_x = torch.full_like(x, float("nan"))
     if shape[0] * shape[3] == 0:  # sums of none
         return grad_x, torch.zeros_like(mean), torch.zeros_like(mean)
     grad_weight, grad_bias = (torch.full_like(mean, float("nan")) for _ in range(2))
-    dtype = DTYPES[x.dtype]
-    workspace = _workspace(library().mamlfast_batch_norm_workspace_bytes(dtype, *shape))
+    workspace = _workspace(batch_norm_workspace_bytes(x, weight, variant))
     _check(library().mamlfast_batch_norm_backward(
-        dtype, *shape, *map(_pointer, (grad_out, x, weight, mean, rstd, grad_x, grad_weight, grad_bias, workspace))),
+        DTYPES[x.dtype], *shape,
+        *map(_pointer, (grad_out, x, weight, mean, rstd, grad_x, grad_weight, grad_bias, workspace))),
         "batch_norm_backward")
     return grad_x, grad_weight, grad_bias
 
 
-def batch_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias):
-    shape = _groups(x, weight)
+def batch_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias, variant="default"):
+    shape = _groups(x, weight, variant)
     grad_grad_out, grad_x = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     if shape[0] * shape[3] == 0:  # a sum of none
         return grad_grad_out, grad_x, torch.zeros_like(mean)
     grad_weight = torch.full_like(mean, float("nan"))
-    dtype = DTYPES[x.dtype]
-    workspace = _workspace(library().mamlfast_batch_norm_workspace_bytes(dtype, *shape))
+    workspace = _workspace(batch_norm_workspace_bytes(x, weight, variant))
     _check(library().mamlfast_batch_norm_double_backward(
-        dtype, *shape, *map(_pointer, (grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias, grad_grad_out,
-                                       grad_x, grad_weight, workspace))), "batch_norm_double_backward")
+        DTYPES[x.dtype], *shape, *map(_pointer, (grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias,
+                                                 grad_grad_out, grad_x, grad_weight, workspace))),
+        "batch_norm_double_backward")
     return grad_grad_out, grad_x, grad_weight
 
 
@@ -244,9 +250,11 @@ def segment_dot(x, y, segment, segments):
 # The interfaces of mamlfast/ops/batch_norm_extension.py and lslr_extension.py, for the ops'
 # autograd functions: the cuda backend's path, with these kernels.
 batch_norm_kernels = SimpleNamespace(
-    forward=lambda x, weight, bias, eps: batch_norm_forward(x, weight.to(x.dtype), bias.to(x.dtype), eps),
-    backward=lambda dy, x, weight, mean, rstd: batch_norm_backward(dy, x, weight.to(x.dtype), mean, rstd),
-    double_backward=lambda dy, x, weight, mean, rstd, gdx, gdweight, gdbias: batch_norm_double_backward(
-        dy, x, weight.to(x.dtype), mean, rstd, gdx, gdweight.to(x.dtype), gdbias.to(x.dtype)))
+    forward=lambda x, weight, bias, eps, variant: batch_norm_forward(x, weight.to(x.dtype), bias.to(x.dtype), eps,
+                                                                     variant),
+    backward=lambda dy, x, weight, mean, rstd, variant: batch_norm_backward(dy, x, weight.to(x.dtype), mean, rstd,
+                                                                            variant),
+    double_backward=lambda dy, x, weight, mean, rstd, gdx, gdweight, gdbias, variant: batch_norm_double_backward(
+        dy, x, weight.to(x.dtype), mean, rstd, gdx, gdweight.to(x.dtype), gdbias.to(x.dtype), variant))
 lslr_kernels = SimpleNamespace(segment_axpy=lambda x, s, segment, base: segment_axpy(x, s.to(x.dtype), segment, base),
                                segment_dot=segment_dot)

@@ -16,6 +16,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import mamlfast
 from conftest import DEVICE, device_of, perturbed_learner, random_batch, relative_errors, usable, with_backend
 from mamlfast import ops
+from mamlfast.ops.batch_norm import KERNEL_VARIANTS
 
 
 @pytest.fixture(params=["cpp", "triton", "cuda"])
@@ -72,6 +73,17 @@ def test_batch_norm_float32_and_running_statistics(backend):
     evaluated = {name: ops.task_batch_norm(x, weight, bias, *stats[name], training=False, backend=name)
                  for name in names}
     torch.testing.assert_close(evaluated[backend], evaluated["torch"])
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_batch_norm_kernel_variants_match_torch_to_second_order(backend, variant):
+    """Each backend takes the variant (the cpp kernels have one shape); the hipcpu tests check the CUDA
+    kernels of each variant against the CPU kernels, test_kernel_reductions the Triton programs per group."""
+    inputs = _inputs((6, 1, 3, 27), torch.float64, device=device_of(backend))
+    fused = functools.partial(ops.task_batch_norm, backend=backend, kernel_variant=variant)
+    for name, a, e in zip(["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"],
+                          _derivatives(fused, *inputs), _derivatives("torch", *inputs), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_float64_eps_is_not_rounded_to_float32(backend):

@@ -61,7 +61,8 @@ def test_batch_norm_of_views(backend, request):
     inputs = _batch_norm_inputs((3, 2, 3, 5), torch.float64, device=_device(backend))
     expected = _batch_norm_derivatives("torch", *inputs)
     actual = _batch_norm_derivatives(lambda *tensors: norm(*map(_nan_gaps, tensors)), *inputs)
-    for name, a, e in zip(["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"], actual, expected, strict=True):
+    names = ["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"]
+    for name, a, e in zip(names, actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
 
 

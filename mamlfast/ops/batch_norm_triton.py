@@ -45,15 +45,17 @@ from .triton_common import aligned, check_indexable
 MAX_BLOCK = 1024
 VALUES_PER_THREAD = 4
 SINGLE_PASS_LIMIT = 4096   # a group of at most this many values is read once, kept in registers
-PROGRAMS_PER_SM = 2        # groups are split while there are fewer programs than this per multiprocessor,
+# groups are split while there are fewer programs than this per multiprocessor, per kernel variant
+# (batch_norm.KERNEL_VARIANTS: "overlapped" has more programs in flight per multiprocessor),
+PROGRAMS_PER_SM = {"default": 2, "overlapped": 8}
 MIN_PROGRAM_VALUES = 8192  # into chunks of at least this many values
 
 
-def programs_per_group(groups: int, values: int, device: torch.device) -> int:
+def programs_per_group(groups: int, values: int, device: torch.device, programs_per_sm: int) -> int:
     """Programs per group of ``values`` values: one while the ``groups`` alone give every
-    multiprocessor PROGRAMS_PER_SM programs, else as many as do, each over at least
+    multiprocessor ``programs_per_sm`` programs, else as many as do, each over at least
     MIN_PROGRAM_VALUES values."""
-    target = PROGRAMS_PER_SM * _multiprocessors(device)
+    target = programs_per_sm * _multiprocessors(device)
     if groups == 0 or groups >= target:
         return 1
     return max(1, min(triton.cdiv(target, groups), values // MIN_PROGRAM_VALUES))
@@ -295,13 +297,13 @@ class _Launch:
     each applies to, the block, and the workspace of partial sums (``sums`` per program) of
     split groups."""
 
-    def __init__(self, x: torch.Tensor, sums: int):
+    def __init__(self, x: torch.Tensor, sums: int, variant: str):
         check_indexable(x, "batch-norm")
         self.groups, self.hw = x.shape[1], x.shape[2] * x.shape[3]
         self.values = x.shape[0] * self.hw
         self.empty = self.values == 0 or self.groups == 0
         self.block = min(MAX_BLOCK, max(triton.next_power_of_2(self.values), 16))
-        splits = programs_per_group(self.groups, self.values, x.device)
+        splits = programs_per_group(self.groups, self.values, x.device, PROGRAMS_PER_SM[variant])
         # chunks are whole blocks; a group's last program takes what is left
         self.chunk = max(triton.cdiv(triton.cdiv(self.values, splits), self.block), 1) * self.block
         self.splits = max(triton.cdiv(self.values, self.chunk), 1)
@@ -329,10 +331,10 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def forward(x, weight, bias, eps):
+def forward(x, weight, bias, eps, variant):
     """y, and per-group mean, biased variance and 1/sqrt(var + eps) [G] (NaN for groups of no values)."""
     x = aligned(x)
-    launch = _Launch(x, sums=2)
+    launch = _Launch(x, sums=2, variant=variant)
     y = torch.empty_like(x)
     mean, var, rstd = (torch.empty(launch.groups, device=x.device, dtype=launch.statistics_dtype) for _ in range(3))
     if launch.empty:  # means of no values
@@ -346,10 +348,10 @@ def forward(x, weight, bias, eps):
     return y, mean, var, rstd
 
 
-def backward(dy, x, weight, mean, rstd):
+def backward(dy, x, weight, mean, rstd, variant):
     """dx, and per-group gradients of gamma and beta [G]."""
     dy, x = aligned(dy), aligned(x)
-    launch = _Launch(x, sums=2)
+    launch = _Launch(x, sums=2, variant=variant)
     dx = torch.empty_like(x)
     dweight, dbias = (torch.empty(launch.groups, device=x.device, dtype=mean.dtype) for _ in range(2))
     if launch.empty:  # sums of no values
@@ -360,10 +362,10 @@ def backward(dy, x, weight, mean, rstd):
     return dx, dweight, dbias
 
 
-def double_backward(dy, x, weight, mean, rstd, gdx, gdweight, gdbias):
+def double_backward(dy, x, weight, mean, rstd, gdx, gdweight, gdbias, variant):
     """Gradients with respect to dy and x, and per-group ones of gamma [G], of the backward."""
     dy, x, gdx = aligned(dy), aligned(x), aligned(gdx)
-    launch = _Launch(x, sums=5)
+    launch = _Launch(x, sums=5, variant=variant)
     g_dy, g_x = torch.empty_like(x), torch.empty_like(x)
     g_weight = torch.empty(launch.groups, device=x.device, dtype=mean.dtype)
     if launch.empty:  # a sum of no values
