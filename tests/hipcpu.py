@@ -147,9 +147,20 @@ _SIGNATURES = {
 }
 
 
-@functools.cache
 def library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build()))
+    """The loaded library; a failed build fails every later call at once, without building again."""
+    loaded = _load()
+    if isinstance(loaded, BuildError):
+        raise loaded
+    return loaded
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | BuildError:
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except BuildError as error:
+        return error
     for name, (result, arguments) in _SIGNATURES.items():
         getattr(lib, name).restype, getattr(lib, name).argtypes = result, arguments
     return lib
