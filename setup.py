@@ -6,8 +6,11 @@ their CUDA kernels, added when torch is a CUDA build and a usable CUDA toolkit i
 says why. ``FORCE_CUDA=1`` makes a missing toolkit an error; ``MAMLFAST_NO_CUDA=1`` leaves the
 CUDA kernels out. Architectures: sm_80 and sm_90 plus PTX, unless TORCH_CUDA_ARCH_LIST says
 otherwise. torch is never installed or replaced: build with ``pip install --no-build-isolation``
-against the torch already present. The outcome is recorded in ``mamlfast/_build.json``, so that
-``mamlfast info`` and the backends ``cpp`` and ``cuda`` can say why they are missing.
+against the torch already present, so that pip installs none of the build's own requirements
+either: without a recent enough setuptools the build stops in one line that says what to install,
+and without ninja it compiles one file at a time. The outcome is recorded in
+``mamlfast/_build.json``, so that ``mamlfast info`` and the backends ``cpp`` and ``cuda`` can say why
+they are missing.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
-
 ROOT = Path(__file__).parent
+VERSIONS = runpy.run_path(str(ROOT / "mamlfast" / "versions.py"))  # the oldest supported versions
+# what a build without build isolation needs besides torch (pyproject.toml's build-system requires)
+BUILD_TOOLS = f"'setuptools>={VERSIONS['SETUPTOOLS']}' ninja"
 BUILD_RECORD = ROOT / "mamlfast" / "_build.json"
 CONVENTIONAL_TOOLKIT = Path("/usr/local/cuda")
 REINSTALL = "then reinstall mamlfast with pip install --no-build-isolation -e ."
@@ -35,6 +40,40 @@ CXX_FLAGS = ["/O2"] if os.name == "nt" else ["-O3", *OPENMP_FLAGS]
 
 def say(message: str) -> None:
     print(f"mamlfast: {message}", flush=True)
+
+
+def build_tools_problem() -> str | None:
+    """None if this Python holds a setuptools that can build mamlfast, else what is missing. pip needs the
+    command bdist_wheel: setuptools' own from 70.1, the package wheel's with setuptools 64 (the first to
+    install in editable mode) to 70.0."""
+    try:
+        import setuptools
+    except ImportError:
+        return "setuptools is not installed"
+    release = VERSIONS["release"](setuptools.__version__)
+    if release >= VERSIONS["release"](VERSIONS["SETUPTOOLS"]) or (release >= (64,) and importable("wheel")):
+        return None
+    return (f"setuptools {setuptools.__version__} cannot build mamlfast, which needs setuptools "
+            f"{VERSIONS['SETUPTOOLS']} or newer (or 64 or newer with the package wheel)")
+
+
+def importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def find_ninja() -> bool:
+    """Whether torch's build finds ninja, which compiles the sources in parallel. torch looks for it on
+    PATH, where the Python package ninja's is not until its virtualenv is activated: it is put there."""
+    try:
+        import ninja
+    except ImportError:
+        return shutil.which("ninja") is not None
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    return True
 
 
 def read_sources(path: Path = ROOT / "csrc" / "sources.txt") -> tuple[list[str], list[str]]:
@@ -151,6 +190,9 @@ def extension_build():
     except ImportError:
         return skip_extension("torch was not installed when mamlfast was built (install torch first, "
                               f"{REINSTALL})", None)
+    old_torch = VERSIONS["too_old"]("torch", torch.__version__, VERSIONS["TORCH"])
+    if old_torch:
+        raise SystemExit(f"mamlfast: {old_torch}: install a newer torch (https://pytorch.org), {REINSTALL}")
     if cxx_compiler() is None:
         return skip_extension(f"no C++ compiler found (install one, e.g. g++, or set CXX; {REINSTALL})",
                               torch.__version__)
@@ -182,5 +224,13 @@ def extension_build():
 
 
 if __name__ == "__main__":
+    if build_tools_problem():
+        raise SystemExit(f"mamlfast: {build_tools_problem()}: pip install torch {BUILD_TOOLS} installs what the "
+                         "build needs, beside the torch you have and within its requirements, then build again")
+    if not find_ninja():
+        say("ninja is not installed: compiling the extension one file at a time (pip install ninja compiles "
+            "in parallel)")
+    from setuptools import setup
+
     ext_modules, cmdclass = extension_build()
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

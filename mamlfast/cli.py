@@ -4,31 +4,43 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import platform
+import re
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy
 import torch
 from tqdm import tqdm
 
-from . import __version__, check, checkpoints, config_file, distributed, ops
+from . import __version__, check, checkpoints, config_file, distributed, ops, versions
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
 from .data import DATA_OPTIONS, DATASETS, infer_dataset, load_dataset
 from .data.omniglot import CLASS_SPLITS
 from .data.download import default_omniglot_root, download_omniglot
+from .files import first_line, shown
 from .train import FixedTasks, Trainer, TrainingDiverged, TrainingInterrupted, check_fresh_folder, eval_chunk, \
     mean_and_ci95
 
 DEFAULT_PRESET = "omniglot-5w1s"
+MAX_SECONDS = 365 * 24 * 3600
+# the options of a run besides its config and its data, and their defaults
+RUN_DEFAULTS = dict(keep=5, log_every=10)
 
 
 class _Parser(argparse.ArgumentParser):
-    """Reports a usage mistake in one line, without the usage block."""
+    """Reports a usage mistake in one line, without the usage block, values it quotes cut short."""
 
     def error(self, message: str):
+        message = re.sub(r"'[^']{100,}'", lambda quoted: shown(quoted.group()), message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class OutOfMemory(ValueError):
+    """The sizes a run asks for do not fit in the memory of its device."""
 
 
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -49,22 +61,27 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        help=f"the paper's configuration (default {DEFAULT_PRESET}; on --resume, the checkpoint's)")
     train.add_argument("--variant", choices=VARIANTS, default=None, help="maml++ (default), maml or fomaml")
     train.add_argument("--dataset", choices=DATASETS, default=None,
-                       help="default: the one --data-root holds, else synthetic (built in)")
+                       help="default: the one --data-root holds, else synthetic (built in); folder: any data set "
+                            "arranged as one folder per class")
     train.add_argument("--data-root", default=None,
-                       help="folder of the omniglot or mini-imagenet data (omniglot default: ~/.cache/mamlfast/omniglot)")
+                       help="folder of the data (omniglot default: ~/.cache/mamlfast/omniglot)")
     train.add_argument("--class-split", choices=CLASS_SPLITS, default=None,
                        help="Omniglot's class split: mamlfast's fixed split, or the reference code's from its seed "
                             "(default: the reference's for one folder of all alphabets and for reference configs)")
     train.add_argument("--split-seed", type=int, default=None, metavar="N",
                        help="seed of the Omniglot class split (the reference's val_seed; default 0)")
+    _add_folder_options(train)
     train.add_argument("--download", action="store_true",
                        help="fetch Omniglot's two zips into --data-root first, checking their MD5 sums")
     train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<preset>-<variant>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
-    train.add_argument("--keep", type=_integer(0), default=5,
-                       help="best checkpoints kept, and the test ensemble's size (0: keep none, test the final model)")
-    train.add_argument("--log-every", type=_integer(1), default=10, help="iterations between metrics records")
+    train.add_argument("--keep", type=_integer(0), default=None,
+                       help=f"best checkpoints kept, and the test ensemble's size (0: keep none, test the final model; "
+                            f"default {RUN_DEFAULTS['keep']}; on --resume, the run's)")
+    train.add_argument("--log-every", type=_integer(1), default=None,
+                       help=f"iterations between metrics records (default {RUN_DEFAULTS['log_every']}; on --resume, "
+                            f"the run's)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--stop-at", type=_integer(0), default=None, metavar="ITERATION",
                        help="stop at this iteration as on Ctrl-C (checkpoint; continue with --resume)")
@@ -110,6 +127,13 @@ def _add_check_command(commands) -> None:
     check_command.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_folder_options(train) -> None:
+    train.add_argument("--split-file", default=None, metavar="FILE",
+                       help="for --dataset folder with one folder of classes: a JSON object naming the classes "
+                            "(folders under --data-root) of each split, {\"train\": [...], \"val\": [...], "
+                            "\"test\": [...]}")
+
+
 def _add_field_option(group, field: dataclasses.Field) -> None:
     option = "--" + field.name.replace("_", "-")
     if field.type == "bool":
@@ -147,8 +171,9 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, at most {MAX_SECONDS} (a year), "
+                                         f"got {text}")
     return value
 
 
@@ -174,52 +199,73 @@ def _device(requested: str | None, ranks: distributed.Ranks = distributed.Ranks(
 
 
 def run_train(args) -> int:
-    overrides = _field_overrides(args)
     preset, variant = args.preset or DEFAULT_PRESET, args.variant or "maml++"
     # resolved, so that eval and --resume find the data from any working directory
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
+    given = dict(_given(args, ("dataset", *RUN_DEFAULTS)), data_options=_given(args, DATA_OPTIONS),
+                 **({"data_root": data_root} if data_root else {}))
     dataset_name = args.dataset or ("omniglot" if args.download else
-                                    infer_dataset(data_root) if data_root and not args.resume else "synthetic")
+                                    infer_dataset(data_root, args.split_file) if data_root and not args.resume
+                                    else "synthetic")
     out = Path(args.out or f"runs/{dataset_name}-{preset}-{variant}")
     latest = out / "checkpoints" / "latest.pt"
-    data_options = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name, None) is not None}
     if args.resume:
         saved = checkpoints.load(latest)
-        base = checkpoints.config_of(saved)
-        cfg = MAMLConfig.preset(preset, variant, **overrides) if args.preset or args.variant else base.replace(**overrides)
-        checkpoints.check_same_run(saved, cfg, latest)
-        dataset_name = args.dataset or saved["run"]["dataset"]
-        data_root = data_root or saved["run"]["data_root"]
-        data_options = {**saved["run"].get("data_options", {}), **data_options}
+        cfg, run = _resumed(saved, latest, args, given)
     else:
         check_fresh_folder(out)  # checked again once the folder is locked; here before the data loads
-        cfg = MAMLConfig.preset(preset, variant, **overrides)
+        cfg = MAMLConfig.preset(preset, variant, **_field_overrides(args))
+        run = {"dataset": dataset_name, "data_root": None, **RUN_DEFAULTS, **given}
+    dataset_name, data_root, data_options = run["dataset"], run["data_root"], run["data_options"]
     ranks = distributed.from_environment(cfg.meta_batch_size, args.dist_timeout)
     device = _device(args.device, ranks)
     progress = not args.no_progress and ranks.is_main
-    if dataset_name == "omniglot" and data_root is None:
-        data_root = str(default_omniglot_root().resolve())
-    if args.download:
-        _download(dataset_name, data_root, ranks, progress)
-    dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress),
-                           **data_options)
-    trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, keep=args.keep,
-                      log_every=args.log_every, progress=progress, ranks=ranks)
-    if args.resume:
-        trainer.resume(saved)
-    say = print if ranks.is_main else (lambda *_: None)
-    with trainer.own_folder():
-        if ranks.is_main:
-            config_file.write(out / "config.json", config_file.run_options(
-                cfg, dataset_name, data_root, dataset.options, args.keep, args.log_every))
-        say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
-            f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
-            f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
-        trainer.fit(stop_at=args.stop_at)
-        summary = trainer.test()
+    with _memory_for(cfg, device):
+        if dataset_name == "omniglot" and data_root is None:
+            data_root = str(default_omniglot_root().resolve())
+        if args.download:
+            _download(dataset_name, data_root, ranks, progress)
+        dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress),
+                               **data_options)
+        trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, keep=run["keep"],
+                          log_every=run["log_every"], progress=progress, ranks=ranks)
+        if args.resume:
+            trainer.resume(saved)
+        say = print if ranks.is_main else (lambda *_: None)
+        with trainer.own_folder():
+            if ranks.is_main:
+                config_file.write(out / "config.json", config_file.run_options(
+                    cfg, dataset_name, data_root, dataset.options, run["keep"], run["log_every"]))
+            say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
+                f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
+                f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
+            say(f"data: {dataset.placement(device)}")
+            trainer.fit(stop_at=args.stop_at)
+            summary = trainer.test()
     ranks.barrier()  # no rank leaves the process group while another still uses it
     say(_test_line(summary))
     return 0
+
+
+def _given(args, names) -> dict:
+    """The options ``names`` that the command line (or a config file) gives."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _resumed(saved: dict, path: Path, args, given: dict) -> tuple[MAMLConfig, dict]:
+    """The config and the run (dataset, data_root, data_options, keep, log_every) that the checkpoint
+    ``saved`` continues: every option as the run had it, but those ``given`` again. A config field
+    that changes what is computed is refused; data that differs, by ``Trainer.resume``; a new
+    ``keep`` applies to the checkpoints kept so far."""
+    overrides = _field_overrides(args)
+    if args.preset or args.variant:
+        cfg = MAMLConfig.preset(args.preset or DEFAULT_PRESET, args.variant or "maml++", **overrides)
+    else:
+        cfg = checkpoints.config_of(saved).replace(**overrides)
+    checkpoints.check_same_run(saved, cfg, path)
+    run = {**RUN_DEFAULTS, **saved["run"], **given}  # keep and log_every are absent before runs recorded them
+    run["data_options"] = {**saved["run"].get("data_options", {}), **given["data_options"]}
+    return cfg, run
 
 
 def _download(dataset_name: str, data_root, ranks: distributed.Ranks, progress: bool) -> None:
@@ -262,23 +308,24 @@ def run_eval(args) -> int:
     payloads = [checkpoints.load(path) for path in paths]
     _check_one_run(paths, payloads)
     ranked = sorted(zip(paths, payloads), key=lambda item: -_val_accuracy(item[1]))[:args.ensemble]
-    learners = [checkpoints.learner_from(payload, device, **execution) for _, payload in ranked]
-    cfg = learners[0].cfg.replace(eval_tasks=args.tasks) if args.tasks else learners[0].cfg
-    run = ranked[0][1]["run"]
-    progress = not args.no_progress
-    dataset = load_dataset(run["dataset"], cfg, args.data_root or run["data_root"],
-                           progress=_progress("decoding classes", progress), **run.get("data_options", {}))
-    tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg, device))
-    label, where = _which_model(*ranked[0], len(paths))
-    rows = [(label, learners[:1])]
-    if len(learners) > 1:
-        rows.append((f"ensemble of {len(learners)}", learners))
-    print(f"{run['dataset']} {args.split}, {cfg.eval_tasks} tasks, {cfg.n_way}-way {cfg.k_shot}-shot; "
-          f"{label} {ranked[0][0]} ({where})")
-    accuracies = tasks.accuracies(*(members for _, members in rows), progress=progress)
-    for (name, _), row in zip(rows, accuracies):
-        accuracy, ci95 = mean_and_ci95(row)
-        print(f"{name:<16} {100 * accuracy:6.2f}% +- {100 * ci95:.2f}")
+    with _memory_for(checkpoints.config_of(ranked[0][1]), device):
+        learners = [checkpoints.learner_from(payload, device, **execution) for _, payload in ranked]
+        cfg = learners[0].cfg.replace(eval_tasks=args.tasks) if args.tasks else learners[0].cfg
+        run = ranked[0][1]["run"]
+        progress = not args.no_progress
+        dataset = load_dataset(run["dataset"], cfg, args.data_root or run["data_root"],
+                               progress=_progress("decoding classes", progress), **run.get("data_options", {}))
+        tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg, device))
+        label, where = _which_model(*ranked[0], len(paths))
+        rows = [(label, learners[:1])]
+        if len(learners) > 1:
+            rows.append((f"ensemble of {len(learners)}", learners))
+        print(f"{run['dataset']} {args.split}, {cfg.eval_tasks} tasks, {cfg.n_way}-way {cfg.k_shot}-shot; "
+              f"{label} {ranked[0][0]} ({where})")
+        accuracies = tasks.accuracies(*(members for _, members in rows), progress=progress)
+        for (name, _), row in zip(rows, accuracies):
+            accuracy, ci95 = mean_and_ci95(row)
+            print(f"{name:<16} {100 * accuracy:6.2f}% +- {100 * ci95:.2f}")
     return 0
 
 
@@ -324,12 +371,15 @@ def _val_accuracy(payload: dict) -> float:
 
 
 def run_info(_args) -> int:
-    print(f"mamlfast {__version__}, Python {platform.python_version()}, torch {torch.__version__}")
     try:
         import triton
-        print(f"triton {triton.__version__}")
+        triton_version = triton.__version__
     except ImportError:
-        print("triton: not installed")
+        triton_version = "not installed"
+    print(f"mamlfast {__version__}: Python {platform.python_version()}, NumPy {numpy.__version__}, "
+          f"torch {torch.__version__}, Triton {triton_version}")
+    print(f"the oldest versions supported: Python {versions.PYTHON}, NumPy {versions.NUMPY}, torch {versions.TORCH}, "
+          f"Triton {versions.TRITON}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
@@ -380,9 +430,10 @@ COMMANDS = {"train": run_train, "eval": run_eval, "info": run_info, "check": run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            args = _with_config_file(args, argv)
-        return COMMANDS[args.command](args)
+        with _sigterm_as_interrupt():
+            if args.command == "train":
+                args = _with_config_file(args, argv)
+            return COMMANDS[args.command](args)
     except TrainingInterrupted as stop:
         _tell_once(f"mamlfast: {stop}")
         return 130
@@ -399,6 +450,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.shutdown()
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM, as schedulers and torchrun send, does what Ctrl-C does: training stops at a checkpoint
+    (``Trainer.fit`` handles both), and anywhere else the command ends with one line and code 130,
+    its temporary files removed, rather than dying with code 143."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals behave as usual
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _memory_for(cfg: MAMLConfig, device: torch.device):
+    """An allocation that fails in the block, on ``device`` or in the host's memory, as one line
+    naming the sizes of ``cfg`` that asked for it."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as error:
+        message = str(error)
+        if not (isinstance(error, MemoryError) or re.search("DefaultCPUAllocator|out of memory", message)):
+            raise
+        asked = re.search(r"tried to allocate (\d+) bytes", message)
+        detail = f"{int(asked[1]) / 2**30:.1f} GiB asked for" if asked else first_line(error)
+        place = device if isinstance(error, torch.OutOfMemoryError) or "CUDA" in message else "the host"
+        sizes = ", ".join(f"{name}={getattr(cfg, name)}" for name in (
+            "n_way", "k_shot", "k_query", "image_size", "image_channels", "num_filters", "num_stages",
+            "inner_steps", "meta_batch_size"))
+        raise OutOfMemory(f"out of memory on {place} ({detail}) with {sizes}, second_order={cfg.second_order}, "
+                          f"recompute={cfg.recompute}: smaller sizes need less, and so does --recompute for "
+                          f"second order") from None
 
 
 def _tell_once(message: str) -> None:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .files import shown
+
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda", "loop")
 BN_EVAL_MODES = ("batch", "running")
 VARIANTS = ("maml++", "maml", "fomaml")
@@ -41,6 +43,15 @@ _VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "maml": dict(_PLAIN_MAML, second_order=True),
     "fomaml": dict(_PLAIN_MAML, second_order=False),
 }
+
+
+# Upper bounds of the sizes, far above any published few-shot setting: beyond them a run fits in no
+# machine's memory (MAX_ACTIVATION bounds the sizes' product), or would count its iterations
+# inexactly (at most 10**15, within float64's whole numbers).
+MAXIMUM = dict(n_way=10_000, k_shot=10_000, k_query=10_000, image_channels=1_024, image_size=4_096,
+               num_filters=4_096, inner_steps=1_000, eval_inner_steps=1_000, meta_batch_size=65_536,
+               epochs=1_000_000, iters_per_epoch=1_000_000_000, eval_tasks=1_000_000)
+MAX_ACTIVATION = 2**40
 
 
 @dataclass(frozen=True)
@@ -93,9 +104,9 @@ class MAMLConfig:
     def preset(cls, name: str, variant: str = "maml++", **overrides: Any) -> "MAMLConfig":
         """The paper's configuration ``name`` (see ``PRESETS``) as ``variant``, with overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {shown(repr(name))}; choose one of {', '.join(PRESETS)}")
         if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise ValueError(f"unknown variant {shown(repr(variant))}; choose one of {', '.join(VARIANTS)}")
         fields = {**PRESETS[name], **_VARIANT_OVERRIDES[variant]}
         if variant != "maml++":
             fields["min_meta_lr"] = overrides.get("meta_lr", cls.meta_lr)
@@ -107,7 +118,7 @@ class MAMLConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ValueError(f"unknown MAMLConfig field(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown MAMLConfig field(s): {shown(', '.join(map(str, unknown)))}")
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +135,7 @@ class MAMLConfig:
 
 def _validate(cfg: MAMLConfig) -> None:
     def fail(field: str, message: str) -> None:
-        raise ValueError(f"MAMLConfig.{field}={getattr(cfg, field)!r}: {message}")
+        raise ValueError(f"MAMLConfig.{field}={shown(repr(getattr(cfg, field)))}: {message}")
 
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -143,6 +154,15 @@ def _validate(cfg: MAMLConfig) -> None:
     for field, low in minimum.items():
         if getattr(cfg, field) < low:
             fail(field, f"must be at least {low}")
+    for field, high in MAXIMUM.items():
+        if getattr(cfg, field) > high:
+            fail(field, f"must be at most {high}")
+    activation = cfg.meta_batch_size * cfg.n_way * max(cfg.k_shot, cfg.k_query) * cfg.num_filters * cfg.image_size ** 2
+    if activation > MAX_ACTIVATION:
+        raise ValueError(f"MAMLConfig: one activation of a meta-batch would hold {activation} values (meta_batch_size "
+                         f"{cfg.meta_batch_size} x n_way {cfg.n_way} x max(k_shot, k_query) "
+                         f"{max(cfg.k_shot, cfg.k_query)} x num_filters {cfg.num_filters} x image_size^2 "
+                         f"{cfg.image_size ** 2}), more than the 2**40 (4 TiB of float32) that fit in any machine")
     if not 0 <= cfg.seed < 2**64:
         fail("seed", "must be between 0 and 2**64 - 1")
     for field in ("inner_lr", "meta_lr", "min_meta_lr"):

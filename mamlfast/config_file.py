@@ -2,9 +2,10 @@
 
 A mamlfast config file is a JSON object of ``mamlfast train`` options by name: every
 ``MAMLConfig`` field, and ``preset``, ``variant``, ``dataset``, ``data_root``, ``keep``,
-``log_every`` and the data options ``class_split``, ``split_seed``, ``split_fractions`` and
-``pixels``. Each run writes its complete ``config.json`` to its output folder, so that
-``mamlfast train --config runs/x/config.json --out runs/y`` repeats it. A file of the reference
+``log_every`` and the data options ``class_split``, ``split_seed``, ``split_fractions``,
+``pixels``, ``split_file``, ``image_mean`` and ``image_std``. Each run writes its complete
+``config.json`` to its output folder, so that ``mamlfast train --config runs/x/config.json
+--out runs/y`` repeats it. A file of the reference
 implementation's keys is translated by ``mamlfast.reference_config``; the two kinds are told
 apart by their keys.
 """
@@ -19,12 +20,13 @@ from typing import Any
 
 from . import reference_config
 from .config import MAMLConfig
-from .files import write_json
+from .files import shown, write_json
 
 # option -> its JSON type; the MAMLConfig fields are typed by the dataclass
 RUN_OPTIONS = {
     "preset": "str", "variant": "str", "dataset": "str", "data_root": "str | None", "keep": "int",
     "log_every": "int", "class_split": "str", "split_seed": "int", "split_fractions": "list", "pixels": "str",
+    "split_file": "str", "image_mean": "list", "image_std": "list",
 }
 OPTIONS = {**RUN_OPTIONS, **{f.name: f.type for f in dataclasses.fields(MAMLConfig)}}
 
@@ -80,7 +82,7 @@ def _is_reference(entries: dict[str, Any]) -> bool:
     ours = sorted(set(entries) & set(OPTIONS) - reference_config.KEYS)
     theirs = sorted(set(entries) & reference_config.KEYS - set(OPTIONS))
     if ours and theirs:
-        raise ValueError(f"mixes mamlfast options ({', '.join(ours)}) with keys of the reference code's "
+        raise ValueError(f"mixes mamlfast options ({shown(', '.join(ours))}) with keys of the reference code's "
                          f"experiment configs ({', '.join(theirs)})")
     return bool(theirs)
 
@@ -88,12 +90,13 @@ def _is_reference(entries: dict[str, Any]) -> bool:
 def _checked(entries: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(entries) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}: a mamlfast config holds `mamlfast train` options "
+        raise ValueError(f"unknown option(s) {shown(', '.join(unknown))}: a mamlfast config holds `mamlfast train` "
+                         f"options "
                          f"by name (n_way, dataset, data_root, ...)")
     for name, value in entries.items():
         expected = OPTIONS[name]
         if not _has_type(value, expected):
-            raise ValueError(f"{name}={json.dumps(value)}: must be {_TYPE_NAMES[expected]}")
+            raise ValueError(f"{name}={shown(json.dumps(value))}: must be {_TYPE_NAMES[expected]}")
     return dict(entries)
 
 

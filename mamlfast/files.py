@@ -1,8 +1,10 @@
 """Files that a crash never leaves half-written, strict JSON, and owning a run's folder.
 
 Every file is written to a temporary file beside it and renamed over it in one step, with the
-permissions a plain ``open`` would give (the user's umask). A run locks its folder while it
-writes there; the operating system drops the lock when the process ends, however it ends.
+permissions a plain ``open`` would give (the user's umask). A write that fails (a full disk, no
+permission) raises ``WriteError``, one line naming the file, and leaves the file as it was. A
+run locks its folder while it writes there; the operating system drops the lock when the
+process ends, however it ends.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 try:
     import fcntl
@@ -40,28 +42,72 @@ class FolderInUse(OSError):
     """Another process holds the lock of a folder."""
 
 
+class WriteError(OSError):
+    """A file could not be written: a full disk, a read-only file system, no permission."""
+
+    def __str__(self) -> str:
+        return f"could not write {self.filename}: {self.strerror[:1].lower()}{self.strerror[1:]}"
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an operating system error in the block into ``WriteError`` naming ``path``. Libraries
+    that write through a file object (torch.save) wrap that error in their own: it is found in
+    the exception's context. Code in the block that reads elsewhere (a download) turns its own
+    errors into others first."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise WriteError(cause.errno, cause.strerror or first_line(cause), os.fspath(path)) from error
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError that ``error`` is, or that caused it, as its traceback would show it."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return error
+
+
+def _create(path: str, flags: int) -> int:
+    """A descriptor of ``path``, opened for writing with ``flags``; mode 0o666 as open() uses, so that
+    the umask decides who may read it (tempfile would make it 0o600)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o666)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    while True:
-        temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+    with writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        while True:
+            temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+            try:
+                descriptor = _create(temporary, os.O_EXCL)
+                break
+            except FileExistsError:
+                continue
         try:
-            # mode 0o666 as open() uses: the umask decides who may read it (tempfile would make it 0o600)
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+            with os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to the text file ``path``. A kill or a full disk can tear
+    the line: readers drop a torn last line."""
+    with writing(path), os.fdopen(_create(os.fspath(path), os.O_APPEND), "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
 
 
 def remove_temporaries(folder: str | os.PathLike, target: str = "*", older_than: float = 0.0) -> list[Path]:
@@ -84,6 +130,12 @@ def first_line(error: BaseException) -> str:
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
+def shown(text: str, limit: int = 100) -> str:
+    """``text`` (a value as a message quotes it) cut to ``limit`` characters, saying how long it was,
+    so that a message stays one readable line whatever value it names."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def json_text(payload: object, **options) -> str:
     """``payload`` as strict JSON: a non-finite float (NaN, Infinity) is an error, not written."""
     return json.dumps(payload, allow_nan=False, **options)
@@ -96,50 +148,99 @@ def write_json(path: str | os.PathLike, payload: object) -> None:
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]:
     """Hold the lock of ``folder`` (created if need be) while the block runs, so that no other
-    process that asks for it writes there meanwhile. Nested blocks in one process share it.
+    process that asks for it writes there meanwhile; with ``wait``, wait for a process that holds
+    it, else raise ``FolderInUse``. Nested blocks in one process share it.
 
     The lock is ``flock`` on ``folder/.lock``, which the operating system drops when the process
     ends, however it ends: a killed run never keeps its folder. Where the file system has no
     locks (some cluster file systems), a warning says so and the block runs unprotected.
     """
-    folder = os.path.realpath(folder)
-    if folder in _held_locks:
-        _held_locks[folder] += 1
+    real = os.path.realpath(folder)
+    if real in _held_locks:
+        _held_locks[real] += 1
         try:
             yield
         finally:
-            _held_locks[folder] -= 1
+            _held_locks[real] -= 1
         return
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"{folder} is a file, not a folder")
-    os.makedirs(folder, exist_ok=True)
-    descriptor = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise NotADirectoryError(f"{real} is a file, not a folder")
+    lock_path = os.path.join(real, LOCK_NAME)
+    with writing(lock_path):
+        # the path as given, as later writes resolve it: "runs/../x" needs runs/ to exist
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        _lock(descriptor, folder)
-        _held_locks[folder] = 1
+        _lock(descriptor, real, wait)
+        _held_locks[real] = 1
         try:
             yield
         finally:
-            del _held_locks[folder]
+            del _held_locks[real]
     finally:
         os.close(descriptor)  # releases the lock
 
 
-def _lock(descriptor: int, folder: str) -> None:
+@contextmanager
+def waiting_lock(path: str | os.PathLike, waiting: Callable[[str], None] = lambda holder: None) -> Iterator[None]:
+    """Hold the lock file ``path`` (created if need be) while the block runs, first waiting for
+    any other process that holds it; ``waiting`` is told who holds it before the wait begins.
+
+    As for ``folder_lock``, the operating system drops the lock when its process ends, however it
+    ends; where the file system has no locks, a warning says so and the block runs unprotected.
+    """
+    with writing(path):
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        if fcntl is None:
-            raise OSError("no fcntl module on this platform")
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            _flock(descriptor, blocking=False)
+        except BlockingIOError:
+            waiting(_holder(descriptor))
+            _flock(descriptor, blocking=True)
+        except OSError as error:
+            _unprotected(path, error)
+            yield
+            return
+        with writing(path):
+            _stamp(descriptor)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _lock(descriptor: int, folder: str, wait: bool) -> None:
+    try:
+        _flock(descriptor, blocking=wait)
     except BlockingIOError:
-        holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "a process"
-        raise FolderInUse(f"{folder} is in use by another run ({holder}): wait for it to end, "
+        raise FolderInUse(f"{folder} is in use by another run ({_holder(descriptor)}): wait for it to end, "
                           f"or use another folder") from None
     except OSError as error:
-        log.warning("cannot lock %s (%s): nothing stops another run from writing there at the same time",
-                    folder, error.strerror or error)
+        _unprotected(folder, error)
         return
+    with writing(os.path.join(folder, LOCK_NAME)):  # who holds it, for the message of another run
+        _stamp(descriptor)
+
+
+def _flock(descriptor: int, blocking: bool) -> None:
+    if fcntl is None:
+        raise OSError("no fcntl module on this platform")
+    fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+
+
+def _unprotected(path: str | os.PathLike, error: OSError) -> None:
+    log.warning("cannot lock %s (%s): nothing stops another process from writing there at the same time",
+                path, error.strerror or error)
+
+
+def _holder(descriptor: int) -> str:
+    """Who holds a lock, as its holder wrote it into the lock file."""
+    return os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "a process"
+
+
+def _stamp(descriptor: int) -> None:
+    """Write who holds the lock into the lock file, for whoever finds it held."""
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}, "
                           f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from .config import MAMLConfig
+from .files import shown
 
 # reference key -> the mamlfast option(s) it sets (docs/reference-code.md)
 MAPPED = {
@@ -109,7 +110,8 @@ def translate(entries: dict[str, Any], quirks: bool = False, dataset_dir: str | 
     environment's)."""
     unknown = sorted(set(entries) - KEYS)
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}: not keys of the reference code's experiment configs")
+        raise ValueError(f"unknown key(s) {shown(', '.join(unknown))}: not keys of the reference code's experiment "
+                         f"configs")
     missing = [key for key in REQUIRED if key not in entries]
     if missing:
         raise ValueError(f"missing key(s) {', '.join(missing)}: a reference experiment config names them all "
@@ -147,7 +149,7 @@ def translate(entries: dict[str, Any], quirks: bool = False, dataset_dir: str | 
     if "max_models_to_save" in entries:
         options["keep"] = read.integer("max_models_to_save")
     if "experiment_name" in entries:
-        options["out"] = str(Path("runs") / read.string("experiment_name"))
+        options["out"] = str(Path("runs") / _experiment_name(read))
     if dataset == "omniglot":
         options.update(class_split="reference", split_seed=read.integer("val_seed"),
                        split_fractions=read.numbers("train_val_test_split"))
@@ -243,9 +245,21 @@ def _data_root(path: str, dataset_dir: str | None, notes: list[str]) -> str:
     """``dataset_path`` as the reference resolves it: under ``$DATASET_DIR``."""
     dataset_dir = dataset_dir if dataset_dir is not None else os.environ.get("DATASET_DIR")
     if dataset_dir is None and not Path(path).is_absolute():
-        notes.append(f"dataset_path={path!r} lies under $DATASET_DIR for the reference code; DATASET_DIR is not "
+        notes.append(f"dataset_path={shown(repr(path))} lies under $DATASET_DIR for the reference code; DATASET_DIR "
+                     f"is not "
                      f"set, so mamlfast reads {Path(path).resolve()} (or pass --data-root)")
     return str(Path(dataset_dir or ".", path).resolve())
+
+
+def _experiment_name(read: _Reader) -> str:
+    """``experiment_name``, the folder of the run under runs/ as the reference code names it, checked
+    to stay there."""
+    name = read.string("experiment_name")
+    parts = PurePath(name).parts
+    if not parts or PurePath(name).is_absolute() or ".." in parts or "\0" in name:
+        raise ValueError(f"experiment_name={read.shown('experiment_name')}: must name a folder inside runs/ "
+                         f"(not empty, not absolute, no '..')")
+    return name
 
 
 def _same(value: Any, expected: Any) -> bool:
@@ -263,7 +277,7 @@ class _Reader:
         self.entries = entries
 
     def shown(self, key: str) -> str:
-        return json.dumps(self.entries[key])
+        return shown(json.dumps(self.entries[key]))
 
     def canonical(self, key: str) -> Any:
         """The value as the reference reads it: "true" and "false" strings as booleans."""

@@ -225,16 +225,21 @@ class OpCase:
     errors: dict[str, str]
 
 
-def op_cases(cfg: MAMLConfig, backends: list[str], device: torch.device) -> list[OpCase]:
+def op_cases(cfg: MAMLConfig, backends: list[str], device: torch.device,
+             variants: tuple[str, ...] = ("default",)) -> list[OpCase]:
     """The hot ops at ``cfg``'s shapes, for each of ``backends`` that has code of its own for the op
-    and for torch; pooling and the convolution only where a backend given has code of its own."""
-    def case(kind: str, shape, module, build: Callable[[str], Phases]) -> OpCase:
+    and for torch; pooling and the convolution only where a backend given has code of its own. Batch
+    norm also in each other kernel variant of ``variants`` on the cuda and triton backends, labelled
+    "cuda+overlapped"."""
+    def case(kind: str, shape, module, build: Callable[..., Phases], variants=("default",)) -> OpCase:
         built, errors = {}, {}
         for backend in (b for b in backends if b == "torch" or b in module.FUSED_BACKENDS):
-            try:
-                built[backend] = build(backend)
-            except Exception as error:
-                errors[backend] = one_line(error)
+            others = [v for v in variants if v != "default"] if backend in ("cuda", "triton") else []
+            for label, options in {backend: {}, **{f"{backend}+{v}": dict(kernel_variant=v) for v in others}}.items():
+                try:
+                    built[label] = build(backend, **options)
+                except Exception as error:
+                    errors[label] = one_line(error)
         return OpCase(kind, f"{kind} {list(shape)}", math.prod(shape), built, errors)
 
     def fused(module) -> bool:
@@ -242,7 +247,7 @@ def op_cases(cfg: MAMLConfig, backends: list[str], device: torch.device) -> list
 
     shapes = stage_shapes(cfg)
     cases = [case("batch norm", shape, batch_norm, partial(phases.batch_norm_phases, shape=shape,
-                                                           channels=cfg.num_filters, device=device))
+                                                           channels=cfg.num_filters, device=device), variants)
              for shape in shapes]
     if fused(max_pool):
         cases += [case("max pool", shape, max_pool, partial(phases.max_pool_phases, shape=shape, device=device))

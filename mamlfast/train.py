@@ -31,7 +31,7 @@ from . import checkpoints
 from .config import MAMLConfig
 from .data import FewShotDataset, TaskSampler
 from .distributed import Ranks
-from .files import atomic_open, folder_lock, json_text, remove_temporaries, write_json
+from .files import append_line, atomic_open, folder_lock, json_text, remove_temporaries, shown, write_json
 from .learner import MAMLPlusPlus
 from .schedules import cosine_meta_lr, total_iterations
 from .step import MetaStep, make_optimizer, match_optimizer_to_device
@@ -135,7 +135,9 @@ class Trainer:
         self.checkpoint_dir = self.out / "checkpoints"
         # resolved, so that eval and --resume find the data from any working directory
         data_root = str(Path(data_root).expanduser().resolve()) if data_root else None
-        self.run = dict(dataset=dataset.name, data_root=data_root, data_options=dataset.options)
+        # what a resumed run restores unless given again (the config aside)
+        self.run = dict(dataset=dataset.name, data_root=data_root, data_options=dataset.options, keep=keep,
+                        log_every=log_every)
         torch.manual_seed(cfg.seed)
         self.learner = MAMLPlusPlus(cfg).to(self.device)
         self.optimizer = make_optimizer(self.learner, cfg, self.device)
@@ -172,8 +174,9 @@ class Trainer:
             started = time.perf_counter() - self.elapsed
             bar = tqdm(total=total, initial=self.iteration, desc="meta-training", unit="it",
                        disable=not self.progress, dynamic_ncols=True)
+            stopping = False
             with bar, _stop_requests(repeat_interrupts=self.ranks.world == 1) as stop_requested:
-                while self.iteration < end:
+                while self.iteration < end and not stopping:
                     out = self.step()
                     bar.update()
                     self.elapsed = time.perf_counter() - started
@@ -185,8 +188,7 @@ class Trainer:
                         self._end_epoch(bar)
                     # ranks agree on a stop where they synchronise anyway
                     synchronised = self.ranks.world == 1 or logged or epoch_ended
-                    if synchronised and self.ranks.any(stop_requested(), self.device):
-                        break
+                    stopping = synchronised and self.ranks.any(stop_requested(), self.device)
             if self.iteration < total:
                 if self.saved_iteration != self.iteration:
                     self._check_finite()
@@ -194,6 +196,10 @@ class Trainer:
                     self._save("latest.pt")
                 raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint written to "
                                           f"{self.checkpoint_dir / 'latest.pt'}; continue with --resume")
+            if stopping:  # during the last epoch's validation: the test protocol is left for later
+                raise TrainingInterrupted(f"stopped after the last epoch, before the test protocol; checkpoints in "
+                                          f"{self.checkpoint_dir}; run the test protocol with --resume, or test "
+                                          f"them with mamlfast eval")
 
     def step(self):
         """One meta-iteration: a meta-batch, the meta-loss and its gradient, one Adam step."""
@@ -213,10 +219,15 @@ class Trainer:
         ``test_model`` in the summary says which model was tested ("best" or "final"),
         ``test_epoch`` after which epoch, and ``test_checkpoint`` the file that holds it."""
         paths = self.ranked_checkpoints()
-        ensemble = [checkpoints.learner_from(checkpoints.load(path), self.device, backend=self.cfg.backend)
-                    for path in paths]
-        best = ensemble[:1] or [self.learner.eval()]
-        rows = self.test_tasks.accuracies(best, *([ensemble] if ensemble else []), progress=self.progress)
+        try:
+            ensemble = [checkpoints.learner_from(checkpoints.load(path), self.device, backend=self.cfg.backend)
+                        for path in paths]
+            best = ensemble[:1] or [self.learner.eval()]
+            rows = self.test_tasks.accuracies(best, *([ensemble] if ensemble else []), progress=self.progress)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where the command turns it into one
+            raise TrainingInterrupted(f"interrupted during the test protocol; the checkpoints in {self.checkpoint_dir} "
+                                      f"are complete: run the test protocol with --resume, or test them with "
+                                      f"mamlfast eval") from None
         test_accuracy, test_ci95 = mean_and_ci95(rows[0])
         ensemble_accuracy, ensemble_ci95 = mean_and_ci95(rows[1]) if ensemble else (None, None)
         best_entry = min(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]), default=None)
@@ -243,8 +254,9 @@ class Trainer:
     def own_folder(self):
         """Hold the output folder's lock while the block runs (on rank 0, which alone writes
         there; nested blocks share it). On the first entry, a new run checks that the folder
-        holds no other run, a resumed one drops the records logged after its checkpoint, and
-        both remove the temporary files that killed writes left."""
+        holds no other run, a resumed one drops the records logged after its checkpoint and the epoch
+        checkpoints its history does not keep, and both remove the temporary files that killed
+        writes left."""
         if not self.ranks.is_main:
             yield
             return
@@ -252,6 +264,7 @@ class Trainer:
             if not self._folder_ready:
                 if self.resumed:
                     self._truncate_metrics()
+                    self._remove_unkept()
                 else:
                     check_fresh_folder(self.out)
                 for folder in (self.out, self.checkpoint_dir):
@@ -280,8 +293,39 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         match_optimizer_to_device(self.optimizer, self.scheduler, self.device)
         self.iteration, self.elapsed, self.history = payload["iteration"], payload["elapsed"], payload["history"]
+        self._forget_missing_checkpoints()
+        self._rank_kept()
+        dropped = [h["epoch"] for h in self.history if not h["kept"]]
+        if self.keep > payload["run"].get("keep", self.keep) and dropped and self.ranks.is_main:
+            log.warning("keep=%d, where this run kept %d: epochs %s, whose checkpoints were not kept, cannot rejoin "
+                        "the best", self.keep, payload["run"]["keep"], ", ".join(map(str, dropped)))
         _set_rng_state(payload["rng"])
         self.resumed, self.saved_iteration = True, self.iteration
+
+    def _rank_kept(self) -> None:
+        """Keep the ``keep`` best epochs (ties: the earlier) of those kept so far: an epoch whose
+        checkpoint was not kept cannot come back, whatever ``keep`` is now."""
+        kept = sorted((h for h in self.history if h["kept"]), key=lambda h: (-h["val_accuracy"], h["epoch"]))
+        for entry in kept[self.keep:]:
+            entry["kept"] = False
+
+    def _remove_unkept(self) -> None:
+        """Remove the epoch checkpoints that the history does not keep: one no longer among the best,
+        and, on resuming, one that a killed run wrote after its checkpoint or left before removing it."""
+        kept = {_epoch_file(h["epoch"]) for h in self.history if h["kept"]}
+        for path in self.checkpoint_dir.glob("epoch-*.pt"):
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
+
+    def _forget_missing_checkpoints(self) -> None:
+        """Keep no epoch whose checkpoint is missing (removed by hand, or never written: runs of
+        earlier versions could mark one kept)."""
+        for entry in self.history:
+            path = self.checkpoint_dir / _epoch_file(entry["epoch"])
+            if entry["kept"] and not path.is_file():
+                if self.ranks.is_main:
+                        log.warning("%s is missing: epoch %d leaves the best checkpoints", path, entry["epoch"])
+                entry["kept"] = False
 
     def ranked_checkpoints(self) -> list[Path]:
         """The kept checkpoints, best validation accuracy first (ties: the earlier epoch)."""
@@ -306,16 +350,13 @@ class Trainer:
         self.learner.eval()
         accuracy, ci95 = mean_and_ci95(self.val_tasks.accuracies([self.learner])[0])
         self.learner.train()
-        self.history.append(dict(epoch=epoch, iteration=self.iteration, val_accuracy=accuracy, kept=False))
-        ranked = sorted(self.history, key=lambda h: (-h["val_accuracy"], h["epoch"]))
-        for rank, entry in enumerate(ranked):
-            entry["kept"] = rank < self.keep
+        self.history.append(dict(epoch=epoch, iteration=self.iteration, val_accuracy=accuracy, kept=True))
+        self._rank_kept()
         if self.history[-1]["kept"]:
             self._save(_epoch_file(epoch))
         self._save("latest.pt")
         if self.ranks.is_main:
-            for entry in ranked[self.keep:]:
-                (self.checkpoint_dir / _epoch_file(entry["epoch"])).unlink(missing_ok=True)
+            self._remove_unkept()
             self._append_metrics(dict(iteration=self.iteration, epoch=epoch, val_accuracy=accuracy, val_ci95=ci95,
                                       seconds=self.elapsed))
             self._write_curves()
@@ -354,8 +395,7 @@ class Trainer:
             f"a lower meta_lr or inner_lr, or grad_clip, may help")
 
     def _append_metrics(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json_text(record) + "\n")
+        append_line(self.out / "metrics.jsonl", json_text(record))
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("iteration", "epoch", "seconds"):
@@ -370,15 +410,13 @@ class Trainer:
         lines = path.read_text(encoding="utf-8").splitlines()
         kept = []
         for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-                iteration = record["iteration"]
-            except (ValueError, TypeError, KeyError) as error:
+            record, problem = _metrics_record(line)
+            if problem is not None:
                 if number == len(lines):
-                    log.warning("%s: dropped its last record, torn by the interruption: %r", path, line)
+                    log.warning("%s: dropped its last record, torn by the interruption: %s", path, shown(repr(line)))
                     break
-                raise RunFolderError(f"{path}, line {number}, is not a metrics record ({error})") from None
-            if iteration <= self.iteration:
+                raise RunFolderError(f"{path}, line {number}, is not a metrics record ({problem})")
+            if record["iteration"] <= self.iteration:
                 kept.append(line + "\n")
         with atomic_open(path) as handle:
             handle.write("".join(kept))
@@ -406,6 +444,24 @@ def check_fresh_folder(out: Path) -> None:
     if found:
         raise RunFolderError(f"{out} holds files of another run ({', '.join(found)}) but no checkpoint to "
                              f"continue from: remove them, or choose another --out")
+
+
+def _metrics_record(line: str) -> tuple[dict | None, str | None]:
+    """A line of metrics.jsonl as a record, or why it is none: a logged iteration's record has at least
+    an iteration, a loss and an accuracy, a validation's an iteration, val_accuracy and val_ci95."""
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        return None, f"not JSON: {error}"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    required = ["iteration"] + (["loss", "accuracy"] if "loss" in record else ["val_accuracy", "val_ci95"])
+    for key in required:
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int if key == "iteration" else (int, float)):
+            wanted = "an integer" if key == "iteration" else "a number"
+            return None, f"its {key} is {shown(json.dumps(value))}, not {wanted}"
+    return record, None
 
 
 def _check_count(name: str, value, low: int) -> None:

@@ -1,8 +1,11 @@
 """The build's choice of sources, compiler and CUDA toolkit (setup.py), and what the package says when the
 extension or its CUDA kernels are missing."""
 
+import os
 import runpy
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,62 @@ def test_missing_cuda_kernels_are_explained_by_the_build_record(monkeypatch):
     expected = "mamlfast._C was built without its CUDA kernels: torch 2.14.1 is a CPU build (install ...)"
     assert extension.cuda_kernels_error() == expected
     assert ops.availability(torch.device("cuda"))["cuda"] == expected
+
+
+def _module(name: str, **attributes):
+    module = type(sys)(name)
+    module.__dict__.update(attributes)
+    return module
+
+
+@pytest.mark.parametrize("setuptools_version, wheel, missing", [
+    ("70.1.0", False, None), ("84.2.1", False, None), ("65.5.0", True, None),
+    ("65.5.0", False, "setuptools 65.5.0 cannot build mamlfast, which needs setuptools 70.1 or newer (or 64 or newer "
+                      "with the package wheel)"),
+    ("63.4.3", True, "setuptools 63.4.3 cannot build mamlfast, which needs setuptools 70.1 or newer (or 64 or newer "
+                     "with the package wheel)"),
+    (None, True, "setuptools is not installed"),
+])
+def test_the_build_tools_that_can_build_mamlfast(monkeypatch, setuptools_version, wheel, missing):
+    # None in sys.modules: not installed (importing it raises ImportError)
+    monkeypatch.setitem(sys.modules, "setuptools", setuptools_version and _module("setuptools",
+                                                                                  __version__=setuptools_version))
+    monkeypatch.setitem(sys.modules, "wheel", _module("wheel") if wheel else None)
+    assert SETUP["build_tools_problem"]() == missing
+
+
+def test_setup_run_without_its_build_tools_says_in_one_line_what_to_install(tmp_path):
+    (tmp_path / "setuptools").mkdir()
+    (tmp_path / "setuptools" / "__init__.py").write_text("raise ImportError('No module named setuptools')\n")
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT,
+                            env=environ, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("mamlfast: setuptools is not installed: pip install torch 'setuptools>=70.1' ninja "
+                             "installs what the build needs, beside the torch you have and within its requirements, "
+                             "then build again\n")
+
+
+def test_setup_refuses_an_older_torch_in_one_line(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    record = SETUP["BUILD_RECORD"].read_bytes() if SETUP["BUILD_RECORD"].exists() else None
+    with pytest.raises(SystemExit) as refusal:
+        SETUP["extension_build"]()
+    assert str(refusal.value) == (
+        "mamlfast: torch 2.10.0 is older than 2.11, the oldest that mamlfast supports: install a newer torch "
+        "(https://pytorch.org), then reinstall mamlfast with pip install --no-build-isolation -e .")
+    assert (SETUP["BUILD_RECORD"].read_bytes() if SETUP["BUILD_RECORD"].exists() else None) == record
+
+
+def test_the_ninja_of_the_python_package_is_put_on_path(monkeypatch, tmp_path):
+    fake_ninja = type(sys)("ninja")
+    fake_ninja.BIN_DIR = str(tmp_path / "venv-bin")
+    monkeypatch.setitem(sys.modules, "ninja", fake_ninja)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert SETUP["find_ninja"]() and os.environ["PATH"].split(os.pathsep) == [fake_ninja.BIN_DIR, str(tmp_path / "bin")]
+    monkeypatch.setitem(sys.modules, "ninja", None)  # not installed
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert not SETUP["find_ninja"]()
+    _executable(tmp_path / "bin" / "ninja", "exit 0\n")
+    assert SETUP["find_ninja"]()

@@ -1,6 +1,7 @@
 import pytest
 
 from mamlfast import PRESETS, MAMLConfig
+from mamlfast.config import MAXIMUM
 
 
 def test_paper_presets():
@@ -59,6 +60,7 @@ def test_overrides_and_round_trip():
     (dict(grad_clip=True), "grad_clip"),
     (dict(seed=-1), "seed"),
     (dict(seed=2**64), "seed"),
+    *[(dict(**{field: 2**62}), field) for field in MAXIMUM],
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"MAMLConfig\.{field}="):
@@ -72,6 +74,26 @@ def test_unknown_names():
         MAMLConfig.preset("omniglot-5w1s", variant="reptile")
     with pytest.raises(ValueError, match="unknown MAMLConfig field.*inner_step\\b"):
         MAMLConfig.preset("omniglot-5w1s", inner_step=3)
+
+
+def test_sizes_have_bounds_that_say_what_is_sensible():
+    for field, high in MAXIMUM.items():  # each bound itself is allowed, the other sizes small
+        small = dict(meta_batch_size=1, inner_steps=high if field == "eval_inner_steps" else 5)
+        MAMLConfig(**{**small, field: high})
+    with pytest.raises(ValueError, match=r"MAMLConfig.image_size=4611686018427387904: must be at most 4096"):
+        MAMLConfig(image_size=2**62)
+    with pytest.raises(ValueError, match=r"one activation of a meta-batch would hold \d+ values \(meta_batch_size "
+                                         r"65536 x n_way"):
+        MAMLConfig(meta_batch_size=65_536, n_way=10_000, num_filters=4_096)
+
+
+def test_values_in_messages_are_cut_to_a_readable_length():
+    with pytest.raises(ValueError) as error:
+        MAMLConfig(backend="x" * 10**6)
+    assert len(str(error.value)) < 300 and "... (1000002 characters): must be one of auto" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        MAMLConfig.from_dict({"y" * 10**6: 1})
+    assert len(str(error.value)) < 300
 
 
 def test_plain_maml_may_evaluate_with_more_steps():

@@ -1,8 +1,7 @@
 """Loaders on generated fixtures, the task sampler's determinism and correctness, and data errors."""
 
-import logging
+import shutil
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +9,10 @@ import torch
 from PIL import Image
 
 import mamlfast
-from fixtures import make_mini_imagenet, make_omniglot
-from mamlfast.data import DatasetError, infer_dataset, load_dataset
-from mamlfast.data import images as images_module
+from fixtures import MINI_IMAGENET_CLASSES, make_mini_imagenet, make_omniglot
+from mamlfast.data import DatasetError, TaskSampler, infer_dataset, load_dataset
 from mamlfast.data.images import ImageSource, decode
-from mamlfast.data.omniglot import load_omniglot
+from mamlfast.data.omniglot import list_classes, load_omniglot
 from mamlfast.data.synthetic import make_synthetic
 
 
@@ -41,6 +39,21 @@ def test_omniglot_folders_and_zips_give_the_same_classes_and_split(tmp_path):
     assert all("/character" in name for name in train.names)
     again = load_omniglot(tmp_path / "folders", image_size=28)  # from the cache
     assert again["test"].names == folders["test"].names and torch.equal(again["test"].images, folders["test"].images)
+
+
+def test_image_extensions_count_in_any_case(tmp_path):
+    """IMG.PNG is an image as img.png is: in folders as in zips, in the parts layout as in the alphabets one."""
+    folders = make_omniglot(tmp_path / "folders", suffixes=(".png", ".PNG", ".Png"))
+    zips = make_omniglot(tmp_path / "zips", suffixes=(".png", ".PNG", ".Png"), zipped=True)
+    alphabets = tmp_path / "alphabets"
+    for part in (folders / "images_background", folders / "images_evaluation"):
+        shutil.copytree(part, alphabets, dirs_exist_ok=True)
+    for root in (folders, zips, alphabets):
+        classes, _ = list_classes(root)
+        assert len(classes) == 60 and all(len(sources) == 4 for _, sources in classes), root
+    assert infer_dataset(alphabets) == "omniglot"
+    from_folders, from_zips = load_omniglot(folders, image_size=16), load_omniglot(zips, image_size=16)
+    assert all(torch.equal(from_folders[split].images, from_zips[split].images) for split in from_folders)
 
 
 def test_mini_imagenet_layout(tmp_path):
@@ -80,7 +93,11 @@ def test_tasks_hold_distinct_classes_and_consistent_labels(tmp_path):
     indices, rotations = sampler.draw(torch.Generator().manual_seed(0), 16)
     assert indices.shape == (16, 5, 3) and rotations.shape == (16, 5)
     counts, offsets = sampler.counts, sampler.offsets
-    classes = torch.searchsorted(offsets, indices, right=True) - 1  # class of every image
+    owner = torch.full((sampler.images.shape[0],), -1)  # the class of every row, -1 for other splits' rows
+    for c, (offset, count) in enumerate(zip(offsets.tolist(), counts.tolist())):
+        owner[offset:offset + count] = c
+    classes = owner[indices]  # class of every image
+    assert torch.all(classes >= 0), "every image is one of the split's"
     assert torch.all(classes == classes[..., :1]), "every image of a task's class comes from one class"
     assert all(len(set(task[:, 0].tolist())) == 5 for task in classes), "a task's classes are distinct"
     assert all(len(set(row.tolist())) == 3 for row in indices.flatten(0, 1)), "no image drawn twice"
@@ -89,7 +106,7 @@ def test_tasks_hold_distinct_classes_and_consistent_labels(tmp_path):
 
     batch = sampler.batch(indices[:1], rotations[:1])
     assert batch.y_support.tolist() == [[0, 1, 2, 3, 4]] and batch.y_query.tolist() == [[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]]
-    raw = dataset.splits["train"].images[indices[0]].float() / 255  # [N, K+Q, 1, H, W]
+    raw = dataset.splits["train"].pool[indices[0]].float() / 255  # [N, K+Q, 1, H, W]
     for way in range(5):
         turned = torch.rot90(raw[way], int(rotations[0, way]), dims=(-2, -1))
         assert torch.equal(batch.x_support[0, way], turned[0])
@@ -207,43 +224,46 @@ def test_modes_without_a_fixed_range_are_refused_by_name(tmp_path, mode):
 
 def test_the_dataset_is_told_from_the_folder(tmp_path):
     assert infer_dataset(make_omniglot(tmp_path / "omniglot", zipped=True)) == "omniglot"
-    assert infer_dataset(make_mini_imagenet(tmp_path / "mini")) == "mini-imagenet"
+    assert infer_dataset(make_mini_imagenet(tmp_path / "mini", MINI_IMAGENET_CLASSES, 1, size=4)) == "mini-imagenet"
+    assert infer_dataset(make_mini_imagenet(tmp_path / "other")) == "folder", "split folders of other class counts"
+    assert infer_dataset(tmp_path / "other", split_file="splits.json") == "folder"
+    (tmp_path / "both" / "train").mkdir(parents=True)
+    (tmp_path / "both" / "images_background.zip").touch()
+    with pytest.raises(DatasetError, match="cannot tell which dataset .* both Omniglot's parts and split folders"):
+        infer_dataset(tmp_path / "both")
     with pytest.raises(DatasetError, match="cannot tell which dataset .* holds: it has neither"):
         infer_dataset(tmp_path)
     with pytest.raises(DatasetError, match="does not exist"):
         infer_dataset(tmp_path / "nowhere")
 
 
-def _cache_file() -> Path:
-    (path,) = images_module.cache_dir().glob("omniglot-*.pt")
-    return path
+def test_a_gpu_run_holds_the_images_on_the_device_where_they_fit_a_share_of_its_free_memory(tmp_path, monkeypatch):
+    dataset = _omniglot_dataset(tmp_path)
+    assert dataset.nbytes == 300 * 16 * 16  # 60 classes of 5 images of 1x16x16
+    free = [4 * dataset.nbytes]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[0], 10**12))
+    assert dataset.data_device("cuda:0") == torch.device("cuda:0")
+    assert dataset.placement("cuda:0") == "300 images of 1x16x16, 0.07 MiB, held on cuda:0"
+    free[0] -= 1
+    assert dataset.data_device("cuda:0") == torch.device("cuda:0"), "decided once per device, for every split"
+    assert dataset.data_device("cuda:1") == torch.device("cpu")
+    assert dataset.placement("cuda:1") == ("300 images of 1x16x16, 0.07 MiB, held on the host and copied to cuda:1 "
+                                           "per meta-batch (more than 25% of its free memory)")
+    assert dataset.data_device("cpu") == torch.device("cpu")
 
 
-def test_an_unreadable_cache_in_a_read_only_folder_is_rebuilt_in_memory(tmp_path, monkeypatch, caplog):
-    root = make_omniglot(tmp_path / "omniglot")
-    first = load_omniglot(root, image_size=16)
-    _cache_file().write_bytes(b"damaged")
-
-    def read_only(*args, **kwargs):
-        raise OSError(30, "Read-only file system")
-    monkeypatch.setattr(Path, "unlink", read_only)
-    monkeypatch.setattr(images_module, "atomic_open", read_only)
-    with caplog.at_level(logging.WARNING, logger="mamlfast.data.images"):
-        again = load_omniglot(root, image_size=16)
-    assert torch.equal(again["train"].images, first["train"].images)
-    assert "is unreadable" in caplog.text and "could not write the cache file" in caplog.text
-
-
-def test_a_cache_that_does_not_match_its_source_is_rebuilt(tmp_path, caplog):
-    root = make_omniglot(tmp_path / "omniglot")
-    first = load_omniglot(root, image_size=16)
-    saved = torch.load(_cache_file(), weights_only=True)
-    saved["images"] = saved["images"][:-3]  # as a cache written by a broken version might hold
-    torch.save(saved, _cache_file())
-    with caplog.at_level(logging.WARNING, logger="mamlfast.data.images"):
-        again = load_omniglot(root, image_size=16)
-    for split in first:
-        assert torch.equal(again[split].images, first[split].images) and again[split].names == first[split].names
-    assert "of the wrong shape or type" in caplog.text
-    assert torch.load(_cache_file(), weights_only=True)["images"].shape[0] == first["train"].images.shape[0] + \
-        first["val"].images.shape[0] + first["test"].images.shape[0], "replaced by the rebuilt one"
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_images_held_on_the_host_give_the_batches_of_images_held_on_the_gpu(tmp_path):
+    dataset = _omniglot_dataset(tmp_path)
+    split = dataset.splits["train"]
+    samplers = [TaskSampler(split, CFG, name="train", mean=(0.25,), std=(0.5,), rotate=True, device="cuda",
+                            data_device=where) for where in ("cuda", "cpu")]
+    assert samplers[0].images.device.type == "cuda" and samplers[1].images.device.type == "cpu"
+    for iteration in range(3):
+        on_device, on_host = (s.training_batch(7, iteration, 4) for s in samplers)
+        for name in ("x_support", "y_support", "x_query", "y_query"):
+            assert getattr(on_host, name).device.type == "cuda"
+            assert torch.equal(getattr(on_host, name), getattr(on_device, name)), name
+    indices, rotations = samplers[1].fixed_tasks(5)
+    assert torch.equal(samplers[1].batch(indices, rotations).x_query,
+                       samplers[0].batch(*samplers[0].fixed_tasks(5)).x_query)

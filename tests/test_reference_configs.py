@@ -167,6 +167,8 @@ def test_a_value_mamlfast_cannot_honour_is_refused_in_one_line_naming_the_key(ke
     (dict(train_val_test_split=0.7), "train_val_test_split=0.7: must be a list of numbers"),
     (dict(dataset_path=3), "dataset_path=3: must be a string"),
     (dict(bogus=1, other=2), "unknown key(s) bogus, other: not keys of the reference code's experiment configs"),
+    *[(dict(experiment_name=name), f"experiment_name={json.dumps(name)}: must name a folder inside runs/")
+      for name in ("../x", "a/../../x", "/tmp/x", "", ".")],
 ])
 def test_bad_values_and_keys_get_one_line(changes, message):
     with pytest.raises(ValueError) as error:
@@ -223,6 +225,9 @@ def test_config_files_are_told_apart_by_their_keys(tmp_path):
     ('{"n_way": 5}', True, "--reference-quirks applies to the reference code's experiment configs"),
     ('{"n_way": 5', False, "is not valid JSON"),
     ('[1, 2]', False, "must hold a JSON object of options, not list"),
+    ('{"n_way": "%s"}' % ("x" * 10**6), False, 'n_way="xxxxxxxx'),
+    ('{"%s": 1}' % ("x" * 10**6), False, "unknown option(s) xxxxxxxx"),
+    (json.dumps(dict(OMNIGLOT, dataset_name="x" * 10**6)), False, 'dataset_name="xxxxxxxx'),
 ])
 def test_bad_config_files_get_one_line_naming_the_file(tmp_path, content, quirks, message):
     path = tmp_path / "bad.json"
@@ -230,6 +235,7 @@ def test_bad_config_files_get_one_line_naming_the_file(tmp_path, content, quirks
     with pytest.raises(ValueError) as error:
         config_file.read(path, quirks)
     assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
+    assert len(str(error.value)) < 500, "values cut to a readable length"
 
 
 # -- the reference's dataset folders and class split -------------------------------------------------------
@@ -287,7 +293,8 @@ def test_reference_split_is_the_reference_loaders_algorithm():
     assert got == {"train": expected[:49], "val": expected[49:68], "test": expected[68:]}
 
 
-@pytest.mark.parametrize("fractions, seed", [((0.7,), 0), ((0.8, 0.3), 0), ((0.5, -0.1, 0.6), 0), ((0.7, 0.1), -1)])
+@pytest.mark.parametrize("fractions, seed", [((0.7,), 0), ((0.8, 0.3), 0), ((0.5, -0.1, 0.6), 0), ((0.7, 0.1), -1),
+                                             ((float("nan"), 0.1), 0), ((0.7, float("inf")), 0)])
 def test_bad_class_splits_are_refused(fractions, seed):
     with pytest.raises(DatasetError, match="the class split's"):
         ClassSplit("reference", seed, fractions)
@@ -379,6 +386,24 @@ def test_command_line_mistakes_get_one_line(tmp_path, capsys, monkeypatch, args,
     _write(tmp_path / "max_pooling.json", dict(OMNIGLOT, max_pooling=False))
     code, _, err = _train(capsys, *args, "--no-progress")
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_an_experiment_name_outside_runs_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    config = _write(tmp_path / "escape.json", dict(OMNIGLOT, experiment_name="../../x"))
+    code, _, err = _train(capsys, "--config", str(config), "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and 'experiment_name="../../x": must name a folder inside runs/' in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escape.json", "work"]
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_an_out_folder_through_a_missing_one_is_written_where_it_says(tmp_path, capsys, monkeypatch):
+    """--out runs/../x before runs/ exists: the lock and the files land in one folder, x."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _train(capsys, "--out", "runs/../x", *TINY)
+    assert code == 0, err
+    assert (tmp_path / "x" / "summary.json").is_file() and (tmp_path / "x" / ".lock").is_file()
 
 
 def test_the_docs_map_every_reference_key():

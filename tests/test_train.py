@@ -3,6 +3,7 @@ command line end to end."""
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 import mamlfast
 from conftest import DEVICE, random_batch
-from fixtures import make_mini_imagenet
+from fixtures import MINI_IMAGENET_CLASSES, full_disk, make_mini_imagenet
 from mamlfast import checkpoints, files
 from mamlfast.data import load_dataset
 from mamlfast.step import MetaStep, make_optimizer
@@ -251,14 +252,14 @@ def test_checkpoints_carry_a_checksum_of_their_contents(tmp_path):
     path = tmp_path / "latest.pt"
     weights = torch.arange(1000, dtype=torch.float32)
     checkpoints.save(path, dict(model={"w": weights}, iteration=1))
-    assert torch.equal(checkpoints.load(path)["model"]["w"], weights)
+    assert torch.equal(checkpoints.read(path)["model"]["w"], weights)
     data = bytearray(path.read_bytes())
     at = bytes(data).index(weights.numpy().tobytes()) + 4 * 500
     data[at] ^= 0x10  # one bit of weight 500
     path.write_bytes(bytes(data))
     with pytest.raises(checkpoints.CheckpointError, match=rf"checkpoint {path} is corrupt: its contents do not "
                                                           r"match the checksum"):
-        checkpoints.load(path)
+        checkpoints.read(path)
 
 
 def test_files_get_the_permissions_of_the_users_umask(tmp_path):
@@ -287,7 +288,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     path = tmp_path / "latest.pt"
     result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(path)])
     assert result.returncode == 9
-    payload = checkpoints.load(path)
+    payload = checkpoints.read(path)
     assert payload["iteration"] == 1 and torch.equal(payload["model"]["w"], torch.ones(3))
 
 
@@ -372,6 +373,8 @@ TRAIN = ["train", "--out", "run", *TINY_OPTIONS]
     (TRAIN + ["--stop-at", "-1"], "argument --stop-at: must be at least 0, got -1"),
     (TRAIN + ["--keep", "-1"], "argument --keep: must be at least 0, got -1"),
     (TRAIN + ["--dist-timeout", "0"], "argument --dist-timeout: must be a positive number of seconds"),
+    (TRAIN + ["--dist-timeout", "1e300"], "argument --dist-timeout: must be a positive number of seconds, at most"),
+    (TRAIN + ["--backend", "x" * 100_000], "argument --backend: invalid choice: 'xxxxxxxx"),
     (TRAIN + ["--seed", "-1"], "MAMLConfig.seed=-1: must be between 0 and 2**64 - 1"),
     (TRAIN + ["--inner-lr", "inf"], "MAMLConfig.inner_lr=inf: must be a positive finite number"),
     (TRAIN + ["--meta-lr", "inf"], "MAMLConfig.meta_lr=inf: must be a positive finite number"),
@@ -383,12 +386,14 @@ TRAIN = ["train", "--out", "run", *TINY_OPTIONS]
 ])
 def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
-    _one_line_error(*_main(capsys, *args, "--no-progress")[::2], message)
+    code, _, err = _main(capsys, *args, "--no-progress")
+    _one_line_error(code, err, message)
+    assert len(err) < 600, "values cut to a readable length"
 
 
 def test_the_dataset_is_told_from_the_data_root(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    make_mini_imagenet(tmp_path / "mini")
+    make_mini_imagenet(tmp_path / "mini", MINI_IMAGENET_CLASSES, 1, size=4)
     _one_line_error(*_main(capsys, *TRAIN, "--data-root", "mini")[::2], "mini-imagenet images have 3 channel(s)")
 
 
@@ -446,3 +451,251 @@ def test_eval_refuses_checkpoints_of_different_runs_in_one_folder(tmp_path, monk
         (tmp_path / f"{n_way}-way" / "checkpoints" / "latest.pt").rename(tmp_path / "mixed" / f"epoch-00{epoch}.pt")
     _one_line_error(*_main(capsys, "eval", "--checkpoint", "mixed", "--no-progress")[::2],
                     "mixed/epoch-000.pt and mixed/epoch-001.pt belong to different runs (n_way 20 and 5)")
+
+
+# -- resuming with the run's own options ------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_resume_restores_every_option_of_the_run(tmp_path, monkeypatch, capsys, keep):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, *TRAIN, "--keep", str(keep), "--log-every", "2", "--stop-at", "4")
+    assert code == 130, err
+    code, out, err = _main(capsys, "train", "--resume", "--out", "run", "--no-progress")
+    assert code == 0, err
+    options = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (options["keep"], options["log_every"]) == (keep, 2)
+    assert [r["iteration"] for r in _records(tmp_path / "run") if "loss" in r] == [2, 4, 6]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["keep"], summary["ensemble_size"]) == (keep, keep)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("epoch-*.pt"))) == keep
+
+
+def test_a_new_keep_on_resume_applies_to_the_checkpoints_kept_so_far(tmp_path, caplog):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **dict(TINY, epochs=4))
+    with pytest.raises(TrainingInterrupted):
+        _trainer(cfg, tmp_path, keep=1).fit(stop_at=6)
+    more = _trainer(cfg, tmp_path, keep=3)
+    more.resume()
+    assert "cannot rejoin the best" in caplog.text
+    with pytest.raises(TrainingInterrupted):
+        more.fit(stop_at=9)
+    for entry in more.history:
+        assert entry["kept"] == (tmp_path / "checkpoints" / f"epoch-{entry['epoch']:03d}.pt").is_file(), entry
+    assert sum(entry["kept"] for entry in more.history) == 2, "the one kept before, and epoch 2"
+
+    fewer = _trainer(cfg, tmp_path, keep=1)
+    fewer.resume()
+    fewer.fit()
+    assert len(list((tmp_path / "checkpoints").glob("epoch-*.pt"))) == 1
+    assert fewer.test()["ensemble_size"] == 1
+
+
+def test_a_history_that_keeps_a_missing_checkpoint_is_repaired_on_resume(tmp_path, caplog):
+    """Earlier versions could mark epochs kept whose checkpoints were never written."""
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    _trainer(cfg, tmp_path, keep=1).fit()
+    (tmp_path / "checkpoints" / "epoch-000.pt").unlink(missing_ok=True)
+    (tmp_path / "checkpoints" / "epoch-001.pt").unlink(missing_ok=True)
+    resumed = _trainer(cfg, tmp_path, keep=5)
+    resumed.resume()
+    assert "is missing: epoch" in caplog.text
+    summary = resumed.test()
+    assert (summary["test_model"], summary["ensemble_size"]) == ("final", 0)
+
+
+# -- stop requests at every point --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_stop_request_during_the_last_validation_leaves_the_test_for_later(tmp_path, signum):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    trainer = _trainer(cfg, tmp_path)
+    validate = trainer.val_tasks.accuracies
+
+    def validate_then_interrupt(*args, **kwargs):
+        accuracies = validate(*args, **kwargs)
+        if trainer.iteration == 6:
+            signal.raise_signal(signum)
+        return accuracies
+    trainer.val_tasks.accuracies = validate_then_interrupt
+    with pytest.raises(TrainingInterrupted, match="stopped after the last epoch, before the test protocol"):
+        trainer.fit()
+    assert not (tmp_path / "summary.json").exists()
+    resumed = _trainer(cfg, tmp_path)
+    resumed.resume()
+    resumed.fit()
+    assert resumed.history == trainer.history
+    assert resumed.test()["ensemble_size"] == 2
+
+
+def test_an_interrupt_during_the_test_protocol_says_what_is_complete(tmp_path):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    trainer = _trainer(cfg, tmp_path)
+    trainer.fit()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    trainer.test_tasks.accuracies = interrupted
+    try:
+        with pytest.raises(TrainingInterrupted, match="interrupted during the test protocol; the checkpoints in .* "
+                                                      "are complete: run the test protocol with --resume"):
+            trainer.test()
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the test protocol without a word")
+
+
+SIGTERM_WHILE_DECODING = textwrap.dedent("""
+    import signal, sys
+    import mamlfast.cli
+    def terminated(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # as a scheduler sends it while the images decode
+    mamlfast.cli.load_dataset = terminated
+    sys.exit(mamlfast.cli.main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_outside_training_exits_130_with_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), MAMLFAST_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_DECODING, *TRAIN], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    _one_line_error(result.returncode, result.stderr, "mamlfast: interrupted", expected_code=130)
+
+
+# -- a full disk on every write path -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["config.json", "metrics.jsonl", "checkpoints/epoch-000.pt", "checkpoints/latest.pt",
+                                  "curves.png", "summary.json"])
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, path):
+    monkeypatch.chdir(tmp_path)
+    full_disk(monkeypatch, Path(path).name)
+    _one_line_error(*_main(capsys, *TRAIN)[::2],
+                    f"mamlfast: error: could not write run/{path}: no space left on device")
+    assert not list(Path("run").rglob("*.tmp")), "no temporary file left"
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_last_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _main(capsys, *TRAIN, "--stop-at", "4")[0] == 130
+    full_disk(monkeypatch, "latest.pt")
+    code, _, err = _main(capsys, "train", "--resume", "--out", "run", "--no-progress")
+    _one_line_error(code, err, "could not write run/checkpoints/latest.pt: no space left on device")
+    assert checkpoints.load("run/checkpoints/latest.pt")["iteration"] == 4
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert _main(capsys, "train", "--resume", "--out", "run", "--no-progress")[0] == 0
+
+
+# -- loaded structures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run folder stopped at iteration 4, in the middle of epoch 1 (read only: copy it)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    with pytest.raises(TrainingInterrupted):
+        _trainer(cfg, out).fit(stop_at=4)
+    return out
+
+
+def _damage(payload, change):
+    """``payload`` (a checkpoint's) with ``change``: (keys to the entry, new value), or (keys, None) to drop it."""
+    keys, value = change
+    holder = payload
+    for key in keys[:-1]:
+        holder = holder[key]
+    if value is None:
+        del holder[keys[-1]]
+    else:
+        holder[keys[-1]] = value
+    return payload
+
+
+@pytest.mark.parametrize("change, message", [
+    # without a model it is no checkpoint at all (test_eval_refuses_a_file_that_is_not_a_checkpoint_in_one_line)
+    *[(((part,), None), f"it has no {part}") for part in checkpoints.PARTS if part != "model"],
+    ((("config",), "omniglot"), "its config is 'omniglot', not a mapping"),
+    ((("config", "n_way"), "5"), "its config: MAMLConfig.n_way='5': must be an integer"),
+    ((("run", "dataset"), 3), "its run's dataset is 3"),
+    ((("iteration",), "4"), "its iteration is '4', not an integer from 0 to 6"),
+    ((("iteration",), 60), "its iteration is 60, not an integer from 0 to 6"),
+    ((("epoch",), 0), "its epoch is 0, not 1"),
+    ((("elapsed",), "soon"), "its elapsed is 'soon', not a number of seconds"),
+    ((("history",), []), "its history is [], not a list of the 1 epochs done"),
+    ((("history", 0, "val_accuracy"), "high"), "its history's entry 0 is"),
+    ((("model", "net.conv0.weight"), torch.zeros(3)), "its model's net.conv0.weight is a torch.float32 tensor of "
+                                                     "shape [3], not a floating-point tensor of shape [4, 1, 3, 3]"),
+    ((("model", "net.head.bias"), None), "its model's tensors are not those of its config: net.head.bias"),
+    ((("optimizer", "param_groups"), []), "its optimizer state does not fit its model"),
+    ((("optimizer", "state", 0, "exp_avg"), torch.zeros(2)), "its optimizer state holds moments that do not fit"),
+    ((("scheduler", "last_epoch"), 2), "its scheduler state is not the cosine schedule of its config at iteration 4"),
+    ((("rng", "python"), [1, 2]), "its rng holds a state that the generators refuse"),
+    ((("rng", "torch"), torch.zeros(3, dtype=torch.uint8)), "its rng holds a state that the generators refuse"),
+], ids=lambda value: None if isinstance(value, str) else "-".join(map(str, value[0])) + f"={value[1]!r}"[:20])
+def test_a_checkpoint_with_a_valid_checksum_but_a_malformed_payload_is_refused_in_one_line(
+        stopped_run, tmp_path, monkeypatch, capsys, change, message):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(stopped_run, "run")
+    latest = Path("run/checkpoints/latest.pt")
+    payload = _damage(checkpoints.read(latest), change)
+    checkpoints.save(latest, {key: value for key, value in payload.items() if key not in ("format", "sha256")})
+    expected = f"checkpoint {latest} is not a mamlfast checkpoint of this version: {message}"
+    _one_line_error(*_main(capsys, "eval", "--checkpoint", str(latest), "--no-progress")[::2], expected)
+    _one_line_error(*_main(capsys, "train", "--resume", "--out", "run", "--no-progress")[::2], expected)
+
+
+def test_a_checkpoint_of_a_gpu_run_passes_the_checks(stopped_run):
+    """Adam in its capturable form, as on a GPU, keeps its rate in a tensor, and the schedule records it so."""
+    payload = checkpoints.read(stopped_run / "checkpoints" / "latest.pt")
+    rate = payload["optimizer"]["param_groups"][0]["lr"]
+    payload["optimizer"]["param_groups"][0].update(lr=torch.tensor(rate), capturable=True)
+    payload["scheduler"]["_last_lr"] = [torch.tensor(rate)]
+    assert checkpoints._structure_problem(payload) is None
+
+
+def test_a_malformed_metrics_record_is_named_not_a_traceback(tmp_path):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    with pytest.raises(TrainingInterrupted):
+        _trainer(cfg, tmp_path).fit(stop_at=4)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines[1] = '{"iteration": "2", "epoch": 0, "loss": 1.6, "accuracy": 0.2}'
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    resumed = _trainer(cfg, tmp_path)
+    resumed.resume()
+    with pytest.raises(RunFolderError, match=r"metrics\.jsonl, line 2, is not a metrics record \(its iteration is "
+                                             r"\"2\", not an integer\)"):
+        resumed.fit()
+
+
+# -- sizes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option, field, bound", [("--num-filters", "num_filters", 4096), ("--n-way", "n_way", 10000),
+                                                  ("--image-size", "image_size", 4096),
+                                                  ("--inner-steps", "inner_steps", 1000),
+                                                  ("--meta-batch-size", "meta_batch_size", 65536)])
+def test_absurd_sizes_are_refused_in_one_line_naming_the_option(tmp_path, monkeypatch, capsys, option, field, bound):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(*_main(capsys, *TRAIN, option, "100000000000")[::2],
+                    f"MAMLConfig.{field}=100000000000: must be at most {bound}")
+
+
+OUT_OF_MEMORY = textwrap.dedent("""
+    import resource, sys
+    from mamlfast.cli import main
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))  # a small machine, whatever the overcommit
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_an_allocation_failure_is_one_line_naming_the_sizes(tmp_path):
+    """Sizes within the bounds that still do not fit: synthetic images of 4096x4096 pixels, drawn in
+    chunks that need hundreds of GiB."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), MAMLFAST_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, *TRAIN, "--image-size", "4096"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    _one_line_error(result.returncode, result.stderr, "mamlfast: error: out of memory on the host (")
+    assert "GiB asked for) with n_way=5, k_shot=1, k_query=1, image_size=4096, image_channels=1, num_filters=4" \
+        in result.stderr

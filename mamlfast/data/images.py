@@ -1,25 +1,20 @@
-"""Class-labelled images held as one uint8 tensor, decoded once from folders or zips, and cached."""
+"""Class-labelled images held as one uint8 tensor, decoded from folders or zips (cached by ``cache.py``)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import logging
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..files import atomic_open, cache_dir, first_line, remove_temporaries
+from ..files import first_line
 
-log = logging.getLogger(__name__)
-CACHE_VERSION = 1
 # PIL modes that convert to "L" and "RGB" as they should; 16-bit grayscale and alpha are handled apart
 _PLAIN_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -32,30 +27,80 @@ class DatasetError(ValueError):
 
 @dataclass
 class ClassImages:
-    """The images of some classes, class after class: ``images`` [num_images, C, H, W] uint8.
+    """The images of some classes: class c's are rows ``offsets[c] : offsets[c] + counts[c]`` of
+    ``pool`` [rows, C, H, W] uint8 (by default, class after class from row 0).
 
-    Class c owns rows ``offsets[c] : offsets[c] + counts[c]``.
+    ``pool`` may hold other classes' images too: the splits of a cached data set are views of one
+    read-only mapping of its cache file, which every process that reads it shares, so nothing may
+    write to it. ``moments`` [classes, 2, C] int64, where known, are each class's per-channel sums
+    of its pixel values and of their squares; ``origin`` says where the classes were found, for
+    messages.
     """
 
-    images: torch.Tensor
+    pool: torch.Tensor
     counts: torch.Tensor
     names: list[str]
+    offsets: torch.Tensor | None = None
+    moments: torch.Tensor | None = None
+    origin: str | None = None
 
-    @property
-    def offsets(self) -> torch.Tensor:
-        return torch.cumsum(self.counts, 0) - self.counts
+    def __post_init__(self) -> None:
+        if self.offsets is None:
+            self.offsets = torch.cumsum(self.counts, 0) - self.counts
 
     @property
     def num_classes(self) -> int:
         return len(self.names)
 
-    def select(self, classes: Iterable[int]) -> "ClassImages":
-        """The classes ``classes``, in that order."""
-        classes = list(classes)
-        offsets, counts = self.offsets.tolist(), self.counts.tolist()
-        rows = [torch.arange(offsets[c], offsets[c] + counts[c]) for c in classes]
-        return ClassImages(self.images[torch.cat(rows)] if rows else self.images[:0],
-                           self.counts[classes], [self.names[c] for c in classes])
+    @property
+    def images(self) -> torch.Tensor:
+        """The classes' images alone, class after class: [sum(counts), C, H, W] (a copy, unless
+        they lie in one run of ``pool``'s rows)."""
+        blocks = self.blocks()
+        if len(blocks) == 1:
+            start, rows = blocks[0]
+            return self.pool[start:start + rows]
+        return torch.cat([self.pool[start:start + rows] for start, rows in blocks]) if blocks else self.pool[:0]
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """The runs of ``pool``'s rows that hold the classes' images, in class order, as (first
+        row, rows): classes that follow each other in ``pool`` share a run."""
+        blocks: list[list[int]] = []
+        for start, rows in zip(self.offsets.tolist(), self.counts.tolist()):
+            if blocks and blocks[-1][0] + blocks[-1][1] == start:
+                blocks[-1][1] += rows
+            elif rows:
+                blocks.append([start, rows])
+        return [(start, rows) for start, rows in blocks]
+
+    def packed(self, device: torch.device | str) -> "ClassImages":
+        """These classes alone, their images class after class in a new pool on ``device``,
+        copied run by run (no copy of the whole on the host)."""
+        pool = torch.empty((int(self.counts.sum()), *self.pool.shape[1:]), dtype=torch.uint8, device=device)
+        row = 0
+        for start, rows in self.blocks():
+            pool[row:row + rows].copy_(self.pool[start:start + rows])
+            row += rows
+        return ClassImages(pool, self.counts, self.names, moments=self.moments, origin=self.origin)
+
+    def select(self, classes: Iterable[int], origin: str | None = None) -> "ClassImages":
+        """The classes ``classes``, in that order, found at ``origin`` (by default, this one's): a
+        view of the same pool."""
+        classes = torch.tensor(list(classes), dtype=torch.int64)
+        return ClassImages(self.pool, self.counts[classes], [self.names[c] for c in classes.tolist()],
+                           self.offsets[classes], None if self.moments is None else self.moments[classes],
+                           origin or self.origin)
+
+    def statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The per-channel mean and standard deviation of the classes' pixels, on the [0, 1]
+        scale, from their ``moments``."""
+        if self.moments is None:
+            raise ValueError("these images carry no pixel moments to compute their statistics from")
+        pixels = float(self.counts.sum()) * self.pool.shape[2] * self.pool.shape[3] * 255 ** 2
+        sums = self.moments.sum(0, dtype=torch.float64)  # [2, C]
+        mean = sums[0] * 255 / pixels
+        variance = (sums[1] / pixels - mean ** 2).clamp_min(0)
+        return tuple(mean.tolist()), tuple(variance.sqrt().tolist())
 
 
 @dataclass(frozen=True, order=True)
@@ -67,6 +112,18 @@ class ImageSource:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.member}" if self.member else self.path
+
+
+def has_suffix(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether the file name ``name`` ends in one of ``suffixes`` (lower case), in any case: IMG.PNG
+    counts as img.png, in folders as in zips."""
+    return name.lower().endswith(suffixes)
+
+
+def image_paths(folder: Path, pattern: str, suffixes: tuple[str, ...]) -> Iterator[Path]:
+    """The paths in ``folder`` that match the glob ``pattern`` (without a suffix: "*/*/*") and end in
+    one of ``suffixes``, in any case; unsorted."""
+    return (path for path in folder.glob(pattern) if has_suffix(path.name, suffixes))
 
 
 def decode(source: ImageSource, archive: zipfile.ZipFile | None, size: int, mode: str,
@@ -122,11 +179,10 @@ def _eight_bit(image: Image.Image, source: ImageSource) -> Image.Image:
 
 
 def decode_classes(classes: list[tuple[str, list[ImageSource]]], size: int, mode: str,
-                   progress: Callable[[Iterable], Iterable] = iter, resize_first: bool = False) -> ClassImages:
-    """Decode every image of every class (name, sources) into one ClassImages (see ``decode``)."""
+                   progress: Callable[[Iterable], Iterable] = iter, resize_first: bool = False) -> Iterator[np.ndarray]:
+    """Every image of every class (name, sources), class after class, as ``decode`` gives it."""
     archives: dict[str, zipfile.ZipFile] = {}
     try:
-        arrays = []
         for _, sources in progress(classes):
             for source in sources:
                 archive = None
@@ -134,12 +190,10 @@ def decode_classes(classes: list[tuple[str, list[ImageSource]]], size: int, mode
                     if source.path not in archives:
                         archives[source.path] = open_zip(source.path)
                     archive = archives[source.path]
-                arrays.append(decode(source, archive, size, mode, resize_first))
+                yield decode(source, archive, size, mode, resize_first)
     finally:
         for archive in archives.values():
             archive.close()
-    counts = torch.tensor([len(sources) for _, sources in classes], dtype=torch.int64)
-    return ClassImages(torch.from_numpy(np.stack(arrays)), counts, [name for name, _ in classes])
 
 
 def open_zip(path: str) -> zipfile.ZipFile:
@@ -147,54 +201,3 @@ def open_zip(path: str) -> zipfile.ZipFile:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
         raise DatasetError(f"corrupt zip file {path}: {error}") from None
-
-
-def cached(name: str, fingerprint: dict, build: Callable[[], ClassImages],
-           classes: list[tuple[str, list[ImageSource]]], image_shape: tuple[int, int, int]) -> ClassImages:
-    """``build()``, or its result saved earlier for the same ``fingerprint`` of the sources.
-
-    A saved result is used only if it matches the source's ``classes`` (names and image counts)
-    and ``image_shape`` [C, H, W]; one that is unreadable or does not match is rebuilt, with a
-    warning, and replaced where the cache folder is writable.
-    """
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / f"{name}-{key}.pt"
-    if path.exists():
-        try:
-            saved = torch.load(path, weights_only=True)
-            result = ClassImages(saved["images"], saved["counts"], saved["names"])
-            problem = _mismatch(result, classes, image_shape)
-        except Exception as error:  # torch raises many types for a damaged file; all mean the same here
-            problem = f"unreadable ({first_line(error)})"
-        if problem is None:
-            return result
-        log.warning("cache file %s is %s: decoding the images again", path, problem)
-    result = build()
-    try:
-        with atomic_open(path, "wb") as handle:
-            torch.save({"images": result.images, "counts": result.counts, "names": result.names}, handle)
-        remove_temporaries(path.parent, path.name, older_than=3600.0)  # of killed writes, not of running ones
-    except OSError as error:  # a read-only or full cache folder only costs the decoding next time
-        log.warning("could not write the cache file %s (%s): the images will be decoded again next time",
-                    path, error.strerror or error)
-    return result
-
-
-def _mismatch(saved: ClassImages, classes: list[tuple[str, list[ImageSource]]],
-              image_shape: tuple[int, int, int]) -> str | None:
-    """How a cached ClassImages disagrees with the source it stands for, or None."""
-    if saved.names != [name for name, _ in classes]:
-        return "for other classes than the source's"
-    counts = torch.tensor([len(sources) for _, sources in classes], dtype=torch.int64)
-    if not (isinstance(saved.counts, torch.Tensor) and torch.equal(saved.counts, counts)):
-        return "for other image counts than the source's"
-    images = saved.images
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or \
-            tuple(images.shape) != (int(counts.sum()), *image_shape):
-        return f"of the wrong shape or type, not uint8 [{int(counts.sum())}, {', '.join(map(str, image_shape))}]"
-    return None
-
-
-def fingerprint(paths: Iterable[Path]) -> list:
-    """What identifies the contents of source files cheaply: path, size, modification time."""
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]

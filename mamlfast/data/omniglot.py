@@ -35,9 +35,12 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .images import ClassImages, DatasetError, ImageSource, cached, decode_classes, fingerprint, open_zip
+from ..files import shown
+from .cache import Source, cached, fingerprint
+from .images import ClassImages, DatasetError, ImageSource, decode_classes, has_suffix, image_paths, open_zip
 
 PARTS = ("images_background", "images_evaluation")
+SUFFIXES = (".png",)  # in any case
 SPLIT_CLASSES = {"train": 1150, "val": 50, "test": 423}
 SPLIT_SEED = 0
 CLASS_SPLITS = ("mamlfast", "reference")
@@ -57,15 +60,17 @@ class ClassSplit:
 
     def __post_init__(self) -> None:
         if self.method not in CLASS_SPLITS:
-            raise DatasetError(f"unknown class split {self.method!r}; choose one of {', '.join(CLASS_SPLITS)}")
+            raise DatasetError(f"unknown class split {shown(repr(self.method))}; choose one of "
+                               f"{', '.join(CLASS_SPLITS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise DatasetError(f"the class split's seed must be an integer in [0, 2**32), got {self.seed!r}")
+            raise DatasetError(f"the class split's seed must be an integer in [0, 2**32), got {shown(repr(self.seed))}")
         fractions = self.fractions
         if (not 2 <= len(fractions) <= 3
-                or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in fractions)
+                or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions)
                 or fractions[0] + fractions[1] > 1):
-            raise DatasetError(f"the class split's fractions must be 2 or 3 non-negative numbers, the first two "
-                               f"summing to at most 1 (train, val; the test classes are the rest), got {fractions!r}")
+            raise DatasetError(f"the class split's fractions must be 2 or 3 numbers in [0, 1], the first two "
+                               f"summing to at most 1 (train, val; the test classes are the rest), got "
+                               f"{shown(repr(fractions))}")
 
     def options(self) -> dict:
         """This split as ``load_dataset`` options."""
@@ -101,7 +106,7 @@ def layout(root: str | Path) -> str:
         raise DatasetError(f"Omniglot root {root} does not exist or is not a folder ({FETCH_HINT})")
     if any((root / part).exists() or (root / f"{part}.zip").exists() for part in PARTS):
         return "parts"
-    if next(root.glob("*/*/*.png"), None) is not None:
+    if next(image_paths(root, "*/*/*", SUFFIXES), None) is not None:
         return "alphabets"
     raise DatasetError(f"Omniglot root {root} holds neither {PARTS[0]}/ nor {PARTS[0]}.zip, nor one folder per "
                        f"alphabet (<Alphabet>/<character>/<image>.png) ({FETCH_HINT})")
@@ -112,17 +117,24 @@ def default_split(root: str | Path) -> ClassSplit:
     return ClassSplit("reference" if layout(root) == "alphabets" else "mamlfast")
 
 
-def list_classes(root: str | Path) -> tuple[list[tuple[str, list[ImageSource]]], list[Path]]:
-    """Every class of the Omniglot at ``root`` as (``Alphabet/character``, its images), in listing
-    order, and the files that identify the contents."""
+def source_files(root: str | Path) -> list[Path]:
+    """The files that hold the Omniglot at ``root``: the parts' zips, or every image."""
     root = Path(root)
     if layout(root) == "alphabets":
-        files = sorted(root.glob("*/*/*.png"))
+        return sorted(image_paths(root, "*/*/*", SUFFIXES))
+    sources = [_part_source(root, part) for part in PARTS]
+    return [p for s in sources for p in ([s] if s.is_file() else sorted(image_paths(s, "**/*", SUFFIXES)))]
+
+
+def list_classes(root: str | Path) -> tuple[list[tuple[str, list[ImageSource]]], list[Path]]:
+    """Every class of the Omniglot at ``root`` as (``Alphabet/character``, its images), in listing
+    order, and the files that hold them (``source_files``)."""
+    root = Path(root)
+    files = source_files(root)
+    if layout(root) == "alphabets":
         classes = _group((path, ImageSource(str(path))) for path in files)
     else:
-        sources = [_part_source(root, part) for part in PARTS]
-        classes = [c for source in sources for c in _list_part(source)]
-        files = [p for s in sources for p in ([s] if s.is_file() else sorted(s.rglob("*.png")))]
+        classes = [c for part in PARTS for c in _list_part(_part_source(root, part))]
     if not classes:
         raise DatasetError(f"no Omniglot images found under {root}")
     twice = [name for name, count in Counter(name for name, _ in classes).items() if count > 1]
@@ -135,17 +147,18 @@ def load_omniglot(root: str | Path, image_size: int = 28, progress=iter, class_s
                   pixels: str = "mamlfast") -> dict[str, ClassImages]:
     """The train/val/test splits of the Omniglot at ``root``; ``class_split`` defaults to ``default_split``."""
     if pixels not in PIXELS:
-        raise DatasetError(f"unknown Omniglot pixels {pixels!r}; choose one of {', '.join(PIXELS)}")
-    classes, files = list_classes(root)
+        raise DatasetError(f"unknown Omniglot pixels {shown(repr(pixels))}; choose one of {', '.join(PIXELS)}")
     split = class_split or default_split(root)
     reference_pixels = pixels == "reference"
 
-    def decode():
+    def decode(classes):
         decoded = decode_classes(classes, image_size, "L", progress, resize_first=reference_pixels)
-        return decoded if reference_pixels else _invert(decoded)
+        return decoded if reference_pixels else (255 - image for image in decoded)  # ink bright on black
 
-    all_classes = cached("omniglot", dict(root=fingerprint(files), size=image_size, pixels=pixels), decode,
-                         classes, (1, image_size, image_size))
+    source = Source("omniglot", dict(root=str(Path(root).resolve()), layout=layout(root)),
+                    dict(image_size=image_size, pixels=pixels), fingerprint(source_files(root)),
+                    (1, image_size, image_size))
+    all_classes = cached(source, lambda: list_classes(root)[0], decode)
     return {name: all_classes.select(indices) for name, indices in split.indices(all_classes.names).items()}
 
 
@@ -159,9 +172,9 @@ def _part_source(root: Path, part: str) -> Path:
 def _list_part(source: Path) -> list[tuple[str, list[ImageSource]]]:
     """(``Alphabet/character``, its images) for every character of a part's folder or zip."""
     if source.is_dir():
-        return _group((path, ImageSource(str(path))) for path in source.glob("*/*/*.png"))
+        return _group((path, ImageSource(str(path))) for path in image_paths(source, "*/*/*", SUFFIXES))
     with open_zip(str(source)) as archive:
-        members = [m for m in archive.namelist() if m.lower().endswith(".png")]
+        members = [m for m in archive.namelist() if has_suffix(m, SUFFIXES)]
     for member in members:
         if len(Path(member).parts) < 3:
             raise DatasetError(f"unexpected file {member} in {source}: expected <Alphabet>/<character>/<image>.png")
@@ -174,7 +187,3 @@ def _group(images: Iterable[tuple[Path, ImageSource]]) -> list[tuple[str, list[I
     for path, source in images:
         by_class.setdefault(f"{path.parent.parent.name}/{path.parent.name}", []).append(source)
     return [(name, sorted(by_class[name], key=str)) for name in sorted(by_class)]
-
-
-def _invert(classes: ClassImages) -> ClassImages:
-    return ClassImages(255 - classes.images, classes.counts, classes.names)

@@ -28,17 +28,22 @@ def seeded_generator(*keys: int) -> torch.Generator:
 class TaskSampler:
     """N-way tasks with K support and Q query images per class from the classes of ``split``.
 
-    Images stay uint8 on ``device`` until a batch is drawn; a batch is normalised with
-    ``mean``/``std`` (per channel, on the [0, 1] scale). With ``rotate``, each class of a task
-    is rotated by its own random multiple of 90 degrees, making it a new class.
+    Images stay uint8 until a batch is drawn; a batch is normalised with ``mean``/``std`` (per
+    channel, on the [0, 1] scale) on ``device``. With ``rotate``, each class of a task is rotated
+    by its own random multiple of 90 degrees, making it a new class. The images are held on
+    ``data_device`` (by default ``device``): on the host, as ``split`` holds them (a cached data
+    set's read-only mapping, never copied whole); on a GPU, the split's own images copied there
+    once. Held on the host for a run on a GPU, each batch's images are gathered into pinned
+    memory and copied to the device without waiting for it.
     """
 
     def __init__(self, split: ClassImages, cfg: MAMLConfig, *, name: str, mean, std, rotate: bool,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", data_device: torch.device | str | None = None):
         self.n_way, self.k_shot, self.k_query = cfg.n_way, cfg.k_shot, cfg.k_query
         per_class = cfg.k_shot + cfg.k_query
+        where = f" ({split.origin})" if split.origin else ""
         if split.num_classes < cfg.n_way:
-            raise DatasetError(f"the {name} split has {split.num_classes} classes, fewer than n_way={cfg.n_way}")
+            raise DatasetError(f"the {name} split{where} has {split.num_classes} classes, fewer than n_way={cfg.n_way}")
         fewest = int(split.counts.min())
         if fewest < per_class:
             poorest = split.names[int(split.counts.argmin())]
@@ -46,9 +51,10 @@ class TaskSampler:
                                f"k_shot + k_query = {cfg.k_shot} + {cfg.k_query}")
         self.name, self.rotate = name, rotate
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.counts, self.offsets = split.counts, split.offsets
-        channels = split.images.shape[1]
+        data_device = self.device if data_device is None else torch.device(data_device)
+        held = split if data_device.type == "cpu" else split.packed(data_device)
+        self.images, self.counts, self.offsets = held.pool, held.counts, held.offsets
+        channels = split.pool.shape[1]
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(channels, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(channels, 1, 1)
 
@@ -66,9 +72,9 @@ class TaskSampler:
 
     def batch(self, indices: torch.Tensor, rotations: torch.Tensor) -> TaskBatch:
         """The tasks of ``draw``'s indices and rotations, normalised, on the sampler's device."""
-        indices, rotations = self._to_device(indices), self._to_device(rotations)
+        rotations = self._to_device(rotations)
         tasks, ways, per_class = indices.shape
-        x = (self.images[indices].float() / 255 - self.mean) / self.std  # [B, N, K+Q, C, H, W]
+        x = (self._gather(indices).float() / 255 - self.mean) / self.std  # [B, N, K+Q, C, H, W]
         if self.rotate:
             # all four rotations, then each class's own: no data-dependent control flow
             turned = torch.stack([torch.rot90(x, r, dims=(-2, -1)) for r in range(4)])
@@ -81,6 +87,16 @@ class TaskSampler:
 
         k = self.k_shot
         return TaskBatch(part(x, 0, k), part(labels, 0, k), part(x, k, per_class), part(labels, k, per_class))
+
+    def _gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at ``indices`` [B, N, K+Q], on the sampler's device: [B, N, K+Q, C, H, W]."""
+        if self.images.device == self.device:
+            return self.images[self._to_device(indices)]
+        # held on the host for a run on a GPU: the copy waits for nothing, and the pinned block is
+        # not reused before it is done (PyTorch's host allocator records the copy's stream on it)
+        staged = torch.empty((indices.numel(), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        torch.index_select(self.images, 0, indices.reshape(-1), out=staged)
+        return staged.to(self.device, non_blocking=True).view(*indices.shape, *self.images.shape[1:])
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host indices to the device without waiting for the work queued there."""

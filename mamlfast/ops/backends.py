@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ..versions import TRITON, too_old
 from . import self_check
 
 OP_BACKENDS = ("torch", "cpp", "triton", "cuda")
@@ -30,12 +31,14 @@ def interpreting_triton() -> bool:
 
 
 @functools.cache
-def _triton_import_error() -> str | None:
+def _triton_problem() -> str | None:
+    """None if a Triton that mamlfast supports is installed, else what is wrong with it."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as error:
         return f"Triton is not installed ({error})"
-    return None
+    old = too_old("Triton", triton.__version__, TRITON)
+    return f"{old}: install the Triton that your torch asks for" if old else None
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -45,8 +48,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if device.type == "meta" and backend in OP_BACKENDS:
         return _meta_reason(backend)
     if backend == "triton":
-        if _triton_import_error():
-            return _triton_import_error()
+        if _triton_problem():
+            return _triton_problem()
         if device.type != "cuda" and not interpreting_triton():
             return f"Triton kernels need CUDA tensors, got {device.type} ones (TRITON_INTERPRET=1 runs them on the CPU)"
         return None

@@ -37,17 +37,19 @@ def random_tensors(device: torch.device, dtype: torch.dtype, rounded_to: torch.d
 
 
 def batch_norm_phases(backend: str, shape: tuple[int, ...], channels: int, device: torch.device,
-                      dtype: torch.dtype = torch.float32, rounded_to: torch.dtype | None = None) -> Phases:
-    """Batch norm of x [N, B*C, H, W] = ``shape`` with weight and bias [``channels``]."""
+                      dtype: torch.dtype = torch.float32, rounded_to: torch.dtype | None = None,
+                      kernel_variant: str = "default") -> Phases:
+    """Batch norm of x [N, B*C, H, W] = ``shape`` with weight and bias [``channels``], in the cuda and
+    triton backends' ``kernel_variant``."""
     tensor = random_tensors(device, dtype, rounded_to)
     x, weight, bias = tensor(*shape).requires_grad_(), (tensor(channels) + 2).requires_grad_(), tensor(channels)
     bias.requires_grad_()
     upstream = tensor(*shape).requires_grad_()
-    out = task_batch_norm(x, weight, bias, backend=backend)
+    out = task_batch_norm(x, weight, bias, backend=backend, kernel_variant=kernel_variant)
     first = torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
     second_upstream = [tensor(*t.shape) for t in first]
     return {
-        "forward": lambda: task_batch_norm(x, weight, bias, backend=backend),
+        "forward": lambda: task_batch_norm(x, weight, bias, backend=backend, kernel_variant=kernel_variant),
         "backward": lambda: torch.autograd.grad(out, (x, weight, bias), upstream, retain_graph=True),
         "double backward": lambda: torch.autograd.grad(first, (x, weight, upstream), second_upstream,
                                                        retain_graph=True, allow_unused=True),
