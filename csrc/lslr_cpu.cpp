@@ -28,7 +28,8 @@ constexpr int64_t kChunk = 2048;
 int64_t chunks(int64_t columns) { return (columns + kChunk - 1) / kChunk; }
 
 void check_segment_id(int64_t id, int64_t segments) {
-  TORCH_CHECK_VALUE(id >= 0 && id < segments, "mamlfast: segment ids must lie in [0, ", segments, "), got ", id);
+  TORCH_CHECK_VALUE(id >= 0 && id < segments, "mamlfast: segment ids must lie in [0, ", checks::text(segments),
+                    "), got ", checks::text(id));
 }
 
 template <typename T, typename I, typename A = at::opmath_type<T>>

@@ -51,7 +51,8 @@ struct Windows : PoolShape {
 
 // The offset a code of argmax stands for; codes come from the forward, but the operators are public.
 inline int64_t code_offset(const std::array<int64_t, 4>& offsets, uint8_t code) {
-  TORCH_CHECK_VALUE(code < 4, "mamlfast: max pooling's argmax codes must lie in [0, 4), got ", int(code));
+  TORCH_CHECK_VALUE(code < 4, "mamlfast: max pooling's argmax codes must lie in [0, 4), got ",
+                    checks::text(int64_t{code}));
   return offsets[code];
 }
 

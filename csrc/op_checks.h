@@ -11,6 +11,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
@@ -19,6 +20,20 @@
 #include "shapes.h"
 
 namespace mamlfast::checks {
+
+// Numbers, shapes and devices in messages become text here, not through std::ostream: an extension built by a
+// compiler that put its own copy of libstdc++'s stream code into it crashed inserting an integer into a message
+// (an H200 image's gcc 13; benchmarks/RESULTS.md, the first GPU check). Strings are inserted safely.
+inline std::string text(int64_t value) { return std::to_string(value); }
+inline std::string text(double value) { return std::to_string(value); }
+inline std::string text(const c10::Device& device) { return device.str(); }
+inline std::string text(c10::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out += (i == 0 ? "" : ", ") + std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
 
 inline bool is_floating(at::ScalarType type) {
   return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
@@ -36,7 +51,8 @@ inline at::Tensor filled_statistics(const at::Tensor& x, double value) {
 }
 
 inline void check_memory(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", text(x.device()), " like x, got ",
+                    text(t.device()));
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -48,7 +64,8 @@ inline void check_floating(const char* op, const at::Tensor& x, const char* name
 
 // t has x's sizes and dtype, and x's memory layout.
 inline void check_like_x(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", text(x.sizes()), ", got ",
+                    text(t.sizes()));
   TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
                     ", got ", t.scalar_type());
   check_memory(op, t, name, x);
@@ -57,20 +74,21 @@ inline void check_like_x(const char* op, const at::Tensor& t, const char* name, 
 // t is a vector [length] of the given dtype on x's device.
 inline void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t length, at::ScalarType dtype,
                          const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must be [", length, "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must be [", text(length), "], got ",
+                    text(t.sizes()));
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
   check_memory(op, t, name, x);
 }
 
 // x [N, B*C, H, W] and weight [C]: the sizes of the batch norm's groups.
 inline GroupShape check_activations(const char* op, const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, B*C, H, W], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, B*C, H, W], got ", text(x.sizes()));
   check_floating(op, x, "x");
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) > 0, op, ": weight must be [C] with C >= 1, got ",
-                    weight.sizes());
+                    text(weight.sizes()));
   const int64_t channels = weight.size(0);
-  TORCH_CHECK_VALUE(x.size(1) % channels == 0, op, ": x.size(1) = ", x.size(1), " is not a multiple of C = ",
-                    channels);
+  TORCH_CHECK_VALUE(x.size(1) % channels == 0, op, ": x.size(1) = ", text(x.size(1)), " is not a multiple of C = ",
+                    text(channels));
   check_vector(op, weight, "weight", channels, x.scalar_type(), x);
   return {x.size(0), x.size(1), channels, x.size(2) * x.size(3)};
 }
@@ -84,7 +102,7 @@ inline void check_statistics(const char* op, const at::Tensor& mean, const at::T
 // The CUDA kernels' shape: kernels.h's BatchNormVariant.
 inline void check_variant(const char* op, int64_t variant) {
   TORCH_CHECK_VALUE(variant == 0 || variant == 1, op, ": variant must be 0 (default) or 1 (overlapped), got ",
-                    variant);
+                    text(variant));
 }
 
 inline GroupShape check_batch_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -92,7 +110,7 @@ inline GroupShape check_batch_norm_forward(const at::Tensor& x, const at::Tensor
   constexpr const char* op = "mamlfast::batch_norm_forward";
   const GroupShape shape = check_activations(op, x, weight);
   check_vector(op, bias, "bias", shape.channels, x.scalar_type(), x);
-  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", text(eps));
   check_variant(op, variant);
   return shape;
 }
@@ -126,10 +144,10 @@ inline GroupShape check_batch_norm_double_backward(const at::Tensor& grad_out, c
 
 // x [B, P] and segment ids [P], int32 or int64, in any order.
 inline void check_segments(const char* op, const at::Tensor& x, const at::Tensor& segment) {
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [B, P], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [B, P], got ", text(x.sizes()));
   check_floating(op, x, "x");
-  TORCH_CHECK_VALUE(segment.dim() == 1 && segment.size(0) == x.size(1), op, ": segment must be [P] = [", x.size(1),
-                    "], got ", segment.sizes());
+  TORCH_CHECK_VALUE(segment.dim() == 1 && segment.size(0) == x.size(1), op, ": segment must be [P] = [",
+                    text(x.size(1)), "], got ", text(segment.sizes()));
   TORCH_CHECK_VALUE(segment.scalar_type() == at::kInt || segment.scalar_type() == at::kLong, op,
                     ": segment must be int32 or int64, got ", segment.scalar_type());
   check_memory(op, segment, "segment", x);
@@ -141,7 +159,7 @@ inline void check_segment_axpy(const at::Tensor& x, const at::Tensor& s, const a
   constexpr const char* op = "mamlfast::segment_axpy";
   check_segments(op, x, segment);
   TORCH_CHECK_VALUE(s.dim() == 1 && (s.size(0) > 0 || x.size(1) == 0), op,
-                    ": s must be [T], one value per segment id, got ", s.sizes());
+                    ": s must be [T], one value per segment id, got ", text(s.sizes()));
   check_vector(op, s, "s", s.size(0), x.scalar_type(), x);
   if (base) check_like_x(op, *base, "base", x);
 }
@@ -152,23 +170,23 @@ inline void check_segment_dot(const at::Tensor& x, const at::Tensor& y, const at
   check_segments(op, x, segment);
   check_like_x(op, y, "y", x);
   TORCH_CHECK_VALUE(segments > 0 || (segments == 0 && x.size(1) == 0), op,
-                    ": segments must be >= 1 (one more than the largest segment id), got ", segments);
+                    ": segments must be >= 1 (one more than the largest segment id), got ", text(segments));
 }
 
 // x [N, C, H, W] with H, W >= 2: at least one 2x2 window per plane.
 inline PoolShape check_max_pool2x2_forward(const at::Tensor& x) {
   constexpr const char* op = "mamlfast::max_pool2x2_forward";
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, C, H, W], got ", text(x.sizes()));
   check_floating(op, x, "x");
   TORCH_CHECK_VALUE(x.size(2) >= 2 && x.size(3) >= 2, op, ": x must be at least 2x2 to pool 2x2 windows, got ",
-                    x.sizes());
+                    text(x.sizes()));
   return {x.size(0) * x.size(1), x.size(2), x.size(3)};
 }
 
 // argmax [N, C, H / 2, W / 2] of bytes, as max_pool2x2_forward returns it for input [N, C, H, W].
 inline void check_argmax(const char* op, const at::Tensor& argmax, at::IntArrayRef windows, const at::Tensor& like) {
-  TORCH_CHECK_VALUE(argmax.sizes() == windows, op, ": argmax must be [N, C, H / 2, W / 2] = ", windows, ", got ",
-                    argmax.sizes());
+  TORCH_CHECK_VALUE(argmax.sizes() == windows, op, ": argmax must be [N, C, H / 2, W / 2] = ", text(windows), ", got ",
+                    text(argmax.sizes()));
   TORCH_CHECK_VALUE(argmax.scalar_type() == at::kByte, op, ": argmax must be uint8, got ", argmax.scalar_type());
   check_memory(op, argmax, "argmax", like);
 }
@@ -177,11 +195,11 @@ inline void check_argmax(const char* op, const at::Tensor& argmax, at::IntArrayR
 inline PoolShape check_max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& argmax, int64_t height,
                                             int64_t width) {
   constexpr const char* op = "mamlfast::max_pool2x2_backward";
-  TORCH_CHECK_VALUE(grad_out.dim() == 4, op, ": grad_out must be [N, C, H / 2, W / 2], got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(grad_out.dim() == 4, op, ": grad_out must be [N, C, H / 2, W / 2], got ", text(grad_out.sizes()));
   check_floating(op, grad_out, "grad_out");
   TORCH_CHECK_VALUE(height >= 2 && width >= 2 && height / 2 == grad_out.size(2) && width / 2 == grad_out.size(3), op,
-                    ": an input of height ", height, " and width ", width, " does not pool to grad_out's ",
-                    grad_out.sizes());
+                    ": an input of height ", text(height), " and width ", text(width), " does not pool to grad_out's ",
+                    text(grad_out.sizes()));
   check_argmax(op, argmax, grad_out.sizes(), grad_out);
   return {grad_out.size(0) * grad_out.size(1), height, width};
 }
@@ -190,7 +208,7 @@ inline PoolShape check_max_pool2x2_backward(const at::Tensor& grad_out, const at
 inline PoolShape check_max_pool2x2_double_backward(const at::Tensor& gg_x, const at::Tensor& argmax) {
   constexpr const char* op = "mamlfast::max_pool2x2_double_backward";
   TORCH_CHECK_VALUE(gg_x.dim() == 4 && gg_x.size(2) >= 2 && gg_x.size(3) >= 2, op,
-                    ": gg_x must be [N, C, H, W] with H, W >= 2, got ", gg_x.sizes());
+                    ": gg_x must be [N, C, H, W] with H, W >= 2, got ", text(gg_x.sizes()));
   check_floating(op, gg_x, "gg_x");
   check_argmax(op, argmax, {gg_x.size(0), gg_x.size(1), gg_x.size(2) / 2, gg_x.size(3) / 2}, gg_x);
   return {gg_x.size(0) * gg_x.size(1), gg_x.size(2), gg_x.size(3)};
