@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "tensorboard")
 # Meta-iterations between checkpoints within an epoch: a preempted or killed run loses at most this
 # many (a fifth of the paper's 500-iteration epoch). A checkpoint stalls training only while the
-# state is copied to the host (about a millisecond); it is written meanwhile, off the critical path
-# (see benchmarks/RESULTS.md, "Checkpoints within an epoch").
+# state is copied to the host; the file is written on a thread meanwhile, off the critical path,
+# which matters where a meta-iteration takes milliseconds (see benchmarks/RESULTS.md, "Checkpoints
+# within an epoch").
 CHECKPOINT_EVERY = 100
 
 
