@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# The prepared GPU check, for a bare CUDA machine with torch installed and no internet. Most valuable first:
-# build mamlfast's extension for the card in hand (if that fails, install without it and go on), benchmark
-# meta-iterations on omniglot-20w1s, run the GPU tests, profile one meta-iteration, benchmark the other
-# presets and the hot ops, run the remaining GPU tests (fixed-order sums, argument checks, recompute), then
-# compute-sanitizer's memcheck on the op tests with the time left.
+# The prepared GPU check: one call of at most 10 minutes on a bare CUDA machine with torch installed and no
+# internet. What matters most runs first: the extension built for the card in hand; the headline figures
+# (omniglot-20w1s, meta-batch 8, second order: loop, func, torch, cuda and triton, eager and with CUDA graphs)
+# and the check that captured steps equal eager ones bit for bit; the GPU tests; the hot ops' timings, both
+# batch-norm kernel variants side by side (the default stays until these decide); then the other GPU tests,
+# a profile, the other presets, and compute-sanitizer's memcheck on the op tests with the time left.
 #
-# Each step has its own time limit, all within a budget of GPU_CHECK_BUDGET seconds (420: the check ends
-# inside 8 minutes); each step's log (OUTDIR/STEP.txt) and JSON land as soon as the step ends, and
-# OUTDIR/gpu.json gathers everything when the check exits, however it exits (done, failed, out of time,
-# SIGTERM or Ctrl-C). The exit status is 0 only if every step passed.
+# Each step has its own time limit, all within a budget of GPU_CHECK_BUDGET seconds (540: the check ends inside
+# 9 minutes). A step out of time gets SIGINT, so that pytest still lists the failures so far (-rfE, and
+# OUTDIR/STEP.xml in junit form) and the benchmarks write what they measured. Each step's log (OUTDIR/STEP.txt)
+# and JSON land as soon as the step ends, and OUTDIR/gpu.json gathers everything when the check exits, however
+# it exits (done, failed, out of time, SIGTERM or Ctrl-C). The exit status is 0 only if every step passed.
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #   GPU_CHECK_DRY_RUN=1 benchmarks/gpu_check.sh OUTDIR    # no GPU needed: the same control flow and files,
 #                                                         # with quick stand-ins for the GPU steps
 #
-# PYTHON names the interpreter that holds torch (python3); MAX_JOBS the build's parallel jobs (all cores).
-# The CUDA toolkit is the one of the nvcc on PATH (also behind a wrapper script), else CUDA_HOME's.
+# PYTHON names the interpreter that holds torch (python3); MAX_JOBS the build's parallel jobs (all cores). The
+# extension is built in place (setup.py build_ext --inplace), without pip, which a system Python may refuse
+# (PEP 668), and used through PYTHONPATH. The CUDA toolkit is the first whose major version is torch's CUDA's,
+# among the nvcc on PATH (also behind a wrapper script), CUDA_HOME, /usr/local/cuda and /usr/local/cuda-*.
 # In a dry run, GPU_CHECK_FAIL=STEP,STEP... makes those steps fail, to exercise the paths after a failure.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -23,8 +27,8 @@ mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 dry=${GPU_CHECK_DRY_RUN:-0}
-end=$((SECONDS + ${GPU_CHECK_BUDGET:-420}))
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+end=$((SECONDS + ${GPU_CHECK_BUDGET:-540}))
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0 current= child=
 : >"$out/steps.tsv"  # step, exit status (or skipped, interrupted), seconds, limit
 
@@ -33,10 +37,10 @@ finish() {
   "$py" benchmarks/gpu_summary.py "$out" || rc=1
   exit $rc
 }
-stop() {  # SIGTERM or Ctrl-C: the step in flight stops like a timed-out one and writes what it measured
+stop() {  # SIGTERM or Ctrl-C: the step in flight stops like a timed-out one and writes what it has
   trap - TERM INT
   if [ -n "$child" ]; then
-    kill -TERM "$child" 2>/dev/null
+    kill -INT "$child" 2>/dev/null
     wait "$child"
     printf '%s\tinterrupted\t-\t-\n' "$current" >>"$out/steps.tsv"
   fi
@@ -62,7 +66,8 @@ step() {
   fi
   echo "== $name (at most $limit s)" >&2
   current=$name
-  timeout -k 10 "$limit" "$@" >"$out/$name.txt" 2>&1 &
+  # SIGINT first: Python's KeyboardInterrupt, which pytest and the benchmarks end on cleanly
+  timeout -s INT -k 15 "$limit" "$@" >"$out/$name.txt" 2>&1 &
   child=$!
   wait "$child"
   rc=$?
@@ -76,29 +81,22 @@ step() {
   return $rc
 }
 
-# The toolkit of the nvcc that is really there: nvcc reports its own location (TOP) in a dry run.
-cuda_home=
-if command -v nvcc >/dev/null; then
-  top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-  [ -n "$top" ] && cuda_home=$(cd "$top" 2>/dev/null && pwd -P)
-fi
-for candidate in "$cuda_home" "${CUDA_HOME:-}" /usr/local/cuda; do  # without nvcc on PATH: the usual places
-  [ -x "$candidate/bin/nvcc" ] && cuda_home=$(cd "$candidate" && pwd -P) && break
-  cuda_home=
-done
-sanitizer=${cuda_home:+$cuda_home/bin/compute-sanitizer}
-[ -x "$sanitizer" ] || sanitizer=$(command -v compute-sanitizer || true)
+# pytest_step NAME LIMIT ARGUMENTS...: pytest, its failures listed as they are known, in the log and OUTDIR/NAME.xml
+pytest_step() {
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" "$py" -m pytest -q -rfE -p no:cacheprovider --junitxml="$out/$name.xml" \
+    "${pytest_mode[@]}" "$@"
+}
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "python: $(command -v "$py")"
-  echo "cuda_home: ${cuda_home:-none}"
-  echo "compute_sanitizer: ${sanitizer:-none}"
   echo "cores: $(nproc)"
   commit=$(git rev-parse --short HEAD 2>/dev/null) && { git diff --quiet HEAD || commit+=" (modified)"; }
   echo "commit: ${commit:-unknown}"
-  [ -n "$cuda_home" ] && echo "nvcc: $("$cuda_home/bin/nvcc" --version | grep -o "release.*")"
-  command -v nvidia-smi >/dev/null && echo "driver: $(timeout 20 nvidia-smi --query-gpu=driver_version --format=csv,noheader)"
+  command -v nvidia-smi >/dev/null &&
+    echo "driver: $(timeout 20 nvidia-smi --query-gpu=driver_version --format=csv,noheader)"
   timeout 60 "$py" -c '
 import sys, torch
 print("python_version:", sys.version.split()[0])
@@ -115,60 +113,91 @@ if torch.cuda.is_available():
 else:
     print("device: none")'
 } >"$out/env.txt" 2>&1
-cat "$out/env.txt" >&2
 arch=$(sed -n 's/^capability: //p' "$out/env.txt")
+torch_cuda=$(sed -n 's/^torch: .* cuda \([0-9.]*\)$/\1/p' "$out/env.txt")
+
+# The toolkit to build with: a major version other than torch's CUDA's fails the build. nvcc reports its own
+# folder (TOP) in a dry run, also where the nvcc on PATH is a wrapper script or a link.
+candidates=()
+if command -v nvcc >/dev/null; then
+  candidates+=("$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)")
+fi
+candidates+=("${CUDA_HOME:-}" /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null | sort -rV))
+cuda_home=
+for candidate in "${candidates[@]}"; do
+  [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] || continue
+  release=$("$candidate/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
+  if [ -z "$torch_cuda" ] || [ "${release%%.*}" = "${torch_cuda%%.*}" ]; then
+    cuda_home=$(cd "$candidate" && pwd -P)
+    break
+  fi
+  echo "not the CUDA toolkit at $candidate: release $release, torch's is $torch_cuda" >>"$out/env.txt"
+done
+sanitizer=${cuda_home:+$cuda_home/bin/compute-sanitizer}
+[ -x "$sanitizer" ] || sanitizer=$(command -v compute-sanitizer || true)
+{
+  echo "cuda_home: ${cuda_home:-none}"
+  [ -n "$cuda_home" ] && echo "nvcc: $("$cuda_home/bin/nvcc" --version | grep -o "release.*")"
+  echo "compute_sanitizer: ${sanitizer:-none}"
+} >>"$out/env.txt"
+cat "$out/env.txt" >&2
 
 if [ "$dry" = 1 ]; then
   export OMP_NUM_THREADS=1
-  build=(echo "dry run: pip install -e . with CUDA_HOME=${cuda_home:-none} TORCH_CUDA_ARCH_LIST=${arch:-none}")
-  build_without_extension=(echo "dry run: pip install -e . with MAMLFAST_NO_CUDA=1")
-  configurations=func,torch,auto,torch+recompute
+  build=(echo "dry run: setup.py build_ext --inplace, CUDA_HOME=${cuda_home:-none} TORCH_CUDA_ARCH_LIST=${arch:-none}")
+  headline=func,torch,auto,torch+recompute
+  configurations=$headline
   small=(--tasks 2 --override image_size=16 --override num_filters=4 --repeats 2 --warmup 1 --no-memory)
   kernels=(--presets omniglot-5w1s --backends torch --repeats 1 --warmup 1)
   pytest_mode=(--collect-only)
   profiled=auto
 else
-  install=("$py" -m pip install --no-build-isolation --no-deps --no-index -e .)
-  build=(env CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${install[@]}")
-  build_without_extension=(env MAMLFAST_NO_CUDA=1 "${install[@]}")
+  build=(env CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+         "$py" setup.py build_ext --inplace)
+  headline=torch,cuda,triton,torch+graphs,cuda+graphs,triton+graphs
   configurations=func,torch,triton,cuda,auto,auto+graphs,auto+graphs+recompute
   small=(--repeats 10 --warmup 3)
-  kernels=(--repeats 30)
+  kernels=(--presets omniglot-20w1s,mini-imagenet-5w1s --backends torch,triton,cuda --repeats 30)
   pytest_mode=()
   profiled=auto,auto+graphs
 fi
 if [ "$dry" != 1 ] && { [ -z "$cuda_home" ] || [ -z "$arch" ]; }; then
-  build=(sh -c "echo 'no CUDA toolkit (nvcc) or no CUDA device: not building the extension'; exit 1")
+  build=(sh -c "echo 'no CUDA toolkit of torch CUDA $torch_cuda, or no CUDA device: no extension built'; exit 1")
 fi
-expect_extension=1
-step install 240 "${build[@]}" || { step install-without-extension 90 "${build_without_extension[@]}"; expect_extension=0; }
-export MAMLFAST_EXPECT_CUDA_EXTENSION=$expect_extension
+# Without the build, the package runs from the source folder without its compiled kernels (torch and triton).
+if step build 240 "${build[@]}"; then
+  export MAMLFAST_EXPECT_CUDA_EXTENSION=1
+else
+  export MAMLFAST_EXPECT_CUDA_EXTENSION=0
+fi
 
-meta_step() {  # meta_step PRESET LIMIT
-  step "meta_step-$1" "$2" "$py" benchmarks/meta_step.py --preset "$1" --backends "$configurations" "${small[@]}" \
+meta_step() {  # meta_step PRESET LIMIT CONFIGURATIONS: at the preset's meta-batch (omniglot-20w1s: 8), second order
+  step "meta_step-$1" "$2" "$py" benchmarks/meta_step.py --preset "$1" --backends "$3" "${small[@]}" \
     --json "$out/meta_step-$1.json"
 }
-gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_step.py)
+gpu_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_step.py tests/test_noncontiguous.py)
 more_gpu_tests=(tests/test_kernel_reductions.py tests/test_op_arguments.py tests/test_recompute.py
-  tests/test_max_pool.py tests/test_conv.py tests/test_data.py::test_images_held_on_the_host_give_the_batches_of_images_held_on_the_gpu)
+  tests/test_max_pool.py tests/test_conv.py tests/test_triton_compiled.py
+  tests/test_data.py::test_images_held_on_the_host_give_the_batches_of_images_held_on_the_gpu)
 
-step info 30 "$py" -m mamlfast info
-meta_step omniglot-20w1s 150
-step tests 180 "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_mode[@]}" "${gpu_tests[@]}"
-step profile-omniglot-20w1s 60 "$py" benchmarks/meta_step.py --preset omniglot-20w1s --backends "$profiled" --profile \
+step info 60 "$py" -m mamlfast info
+meta_step omniglot-20w1s 150 "$headline"
+pytest_step graphs-bitwise 60 tests/test_step.py -k captured_steps_equal_eager_steps
+pytest_step tests 150 "${gpu_tests[@]}" --deselect tests/test_step.py::test_captured_steps_equal_eager_steps
+step kernels 100 "$py" benchmarks/kernels.py "${kernels[@]}" --json "$out/kernels.json"
+pytest_step more-tests 120 "${more_gpu_tests[@]}"
+step profile-omniglot-20w1s 45 "$py" benchmarks/meta_step.py --preset omniglot-20w1s --backends "$profiled" --profile \
   "${small[@]}" --json "$out/profile-omniglot-20w1s.json"
-meta_step omniglot-5w1s 90
-meta_step mini-imagenet-5w1s 120
-step kernels 120 "$py" benchmarks/kernels.py "${kernels[@]}" --json "$out/kernels.json"
-step more-tests 120 "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_mode[@]}" "${more_gpu_tests[@]}"
+meta_step omniglot-5w1s 60 "$configurations"
+meta_step mini-imagenet-5w1s 90 "$configurations"
 # The caching allocator would hide out-of-bounds accesses inside its blocks from memcheck.
-op_tests=("$py" -m pytest -q -rfE -p no:cacheprovider tests/test_extension.py tests/test_fused_backends.py
-  tests/test_kernel_reductions.py tests/test_op_arguments.py
-  -k "cuda and not learner")
+op_tests=(tests/test_extension.py tests/test_fused_backends.py tests/test_kernel_reductions.py
+  tests/test_op_arguments.py -k "cuda and not learner")
 if [ "$dry" = 1 ]; then
-  step sanitizer 240 "${op_tests[@]}" --collect-only
+  pytest_step sanitizer 240 "${op_tests[@]}"
 elif [ -n "$sanitizer" ]; then
-  step sanitizer 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 "${op_tests[@]}"
+  step sanitizer 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    "$py" -m pytest -q -rfE -p no:cacheprovider --junitxml="$out/sanitizer.xml" "${op_tests[@]}"
 else
   step sanitizer 10 sh -c "echo 'compute-sanitizer not found (no CUDA toolkit)'; exit 1"
 fi

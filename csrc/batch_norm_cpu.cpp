@@ -144,10 +144,12 @@ at::Tensor statistics_like(const at::Tensor& x) { return at::empty({x.size(1)}, 
 
 bool has_values(const GroupShape& shape) { return shape.samples * shape.pixels > 0; }
 
+// `variant` is the CUDA kernels' shape (op_checks.h); the CPU kernels have one.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(const at::Tensor& x,
                                                                               const at::Tensor& weight,
-                                                                              const at::Tensor& bias, double eps) {
-  const GroupShape shape = checks::check_batch_norm_forward(x, weight, bias, eps);
+                                                                              const at::Tensor& bias, double eps,
+                                                                              int64_t variant) {
+  const GroupShape shape = checks::check_batch_norm_forward(x, weight, bias, eps, variant);
   check_dtype("mamlfast::batch_norm_forward", x);
   auto y = at::empty_like(x);
   if (!has_values(shape)) {  // means of no values
@@ -166,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                                    const at::Tensor& weight, const at::Tensor& mean,
-                                                                   const at::Tensor& rstd) {
-  const GroupShape shape = checks::check_batch_norm_backward(grad_out, x, weight, mean, rstd);
+                                                                   const at::Tensor& rstd, int64_t variant) {
+  const GroupShape shape = checks::check_batch_norm_backward(grad_out, x, weight, mean, rstd, variant);
   check_dtype("mamlfast::batch_norm_backward", x);
   auto grad_x = at::empty_like(x);
   if (!has_values(shape)) return {grad_x, filled_statistics(x, 0), filled_statistics(x, 0)};  // sums of none
@@ -184,9 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
-    const at::Tensor& rstd, const at::Tensor& gg_x, const at::Tensor& gg_weight, const at::Tensor& gg_bias) {
+    const at::Tensor& rstd, const at::Tensor& gg_x, const at::Tensor& gg_weight, const at::Tensor& gg_bias,
+    int64_t variant) {
   const GroupShape shape =
-      checks::check_batch_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias);
+      checks::check_batch_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias, variant);
   check_dtype("mamlfast::batch_norm_double_backward", x);
   auto grad_grad_out = at::empty_like(x), grad_x = at::empty_like(x);
   if (!has_values(shape)) return {grad_grad_out, grad_x, filled_statistics(x, 0)};  // a sum of none

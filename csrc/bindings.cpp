@@ -44,8 +44,9 @@ void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(const at::Tensor& x,
                                                                                    const at::Tensor& weight,
-                                                                                   const at::Tensor& bias, double eps) {
-  const GroupShape shape = checks::check_batch_norm_forward(x, weight, bias, eps);
+                                                                                   const at::Tensor& bias, double eps,
+                                                                                   int64_t variant) {
+  const GroupShape shape = checks::check_batch_norm_forward(x, weight, bias, eps, variant);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x);
   if (shape.samples * shape.pixels == 0) {  // means of no values
@@ -54,10 +55,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
   }
   auto stats = at::empty({shape.groups}, x.options().dtype(statistics_type(x)));
   auto mean = at::empty_like(stats), var = at::empty_like(stats), rstd = at::empty_like(stats);
-  const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape), x);
-  check_cuda(batch_norm_forward(dtype_of(x), shape, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps,
-                                y.data_ptr(), mean.data_ptr(), var.data_ptr(), rstd.data_ptr(), data(scratch),
-                                c10::cuda::getCurrentCUDAStream()),
+  const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape, BatchNormVariant(variant)), x);
+  check_cuda(batch_norm_forward(dtype_of(x), shape, BatchNormVariant(variant), x.data_ptr(), weight.data_ptr(),
+                                bias.data_ptr(), eps, y.data_ptr(), mean.data_ptr(), var.data_ptr(), rstd.data_ptr(),
+                                data(scratch), c10::cuda::getCurrentCUDAStream()),
              "batch_norm_forward");
   return {y, mean, var, rstd};
 }
@@ -66,36 +67,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(const at
                                                                         const at::Tensor& x,
                                                                         const at::Tensor& weight,
                                                                         const at::Tensor& mean,
-                                                                        const at::Tensor& rstd) {
-  const GroupShape shape = checks::check_batch_norm_backward(grad_out, x, weight, mean, rstd);
+                                                                        const at::Tensor& rstd, int64_t variant) {
+  const GroupShape shape = checks::check_batch_norm_backward(grad_out, x, weight, mean, rstd, variant);
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x);
   if (shape.samples * shape.pixels == 0) {  // sums of none
     return {grad_x, filled_statistics(x, 0), filled_statistics(x, 0)};
   }
   auto grad_weight = at::empty_like(mean), grad_bias = at::empty_like(mean);
-  const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape), x);
-  check_cuda(batch_norm_backward(dtype_of(x), shape, grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                 mean.data_ptr(), rstd.data_ptr(), grad_x.data_ptr(), grad_weight.data_ptr(),
-                                 grad_bias.data_ptr(), data(scratch), c10::cuda::getCurrentCUDAStream()),
+  const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape, BatchNormVariant(variant)), x);
+  check_cuda(batch_norm_backward(dtype_of(x), shape, BatchNormVariant(variant), grad_out.data_ptr(), x.data_ptr(),
+                                 weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), grad_x.data_ptr(),
+                                 grad_weight.data_ptr(), grad_bias.data_ptr(), data(scratch),
+                                 c10::cuda::getCurrentCUDAStream()),
              "batch_norm_backward");
   return {grad_x, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
-    const at::Tensor& rstd, const at::Tensor& gg_x, const at::Tensor& gg_weight, const at::Tensor& gg_bias) {
+    const at::Tensor& rstd, const at::Tensor& gg_x, const at::Tensor& gg_weight, const at::Tensor& gg_bias,
+    int64_t variant) {
   const GroupShape shape =
-      checks::check_batch_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias);
+      checks::check_batch_norm_double_backward(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias, variant);
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_grad_out = at::empty_like(x), grad_x = at::empty_like(x);
   if (shape.samples * shape.pixels == 0) return {grad_grad_out, grad_x, filled_statistics(x, 0)};  // a sum of none
   auto grad_weight = at::empty_like(mean);
-  const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape), x);
-  check_cuda(batch_norm_double_backward(dtype_of(x), shape, grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                        mean.data_ptr(), rstd.data_ptr(), gg_x.data_ptr(), gg_weight.data_ptr(),
-                                        gg_bias.data_ptr(), grad_grad_out.data_ptr(), grad_x.data_ptr(),
-                                        grad_weight.data_ptr(), data(scratch), c10::cuda::getCurrentCUDAStream()),
+  const auto scratch = workspace(batch_norm_workspace_bytes(dtype_of(x), shape, BatchNormVariant(variant)), x);
+  check_cuda(batch_norm_double_backward(dtype_of(x), shape, BatchNormVariant(variant), grad_out.data_ptr(),
+                                        x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                        gg_x.data_ptr(), gg_weight.data_ptr(), gg_bias.data_ptr(),
+                                        grad_grad_out.data_ptr(), grad_x.data_ptr(), grad_weight.data_ptr(),
+                                        data(scratch), c10::cuda::getCurrentCUDAStream()),
              "batch_norm_double_backward");
   return {grad_grad_out, grad_x, grad_weight};
 }

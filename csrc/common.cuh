@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cassert>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -98,6 +99,20 @@ template <typename A, int K> __device__ void block_sum(A (&values)[K]) {
   if (!(condition)) __assert_fail(#condition, __FILE__, __LINE__, __func__)
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs kernel(arguments...) on `blocks` blocks of `threads` threads; the launch's status. Every
+// kernel starts here: with <<<...>>> under nvcc, with hipLaunchKernelGGL under AMD's HIP CPU
+// runtime, which runs the same kernels on the CPU for the hipcpu tests (csrc/hipcpu).
+template <typename... Parameters>
+cudaError_t launch_kernel(void (*kernel)(Parameters...), int64_t blocks, int threads, cudaStream_t stream,
+                          std::type_identity_t<Parameters>... arguments) {
+#if defined(__HIP_CPU_RT__)
+  hipLaunchKernelGGL(kernel, dim3(blocks), dim3(threads), 0, stream, arguments...);
+#else
+  kernel<<<blocks, threads, 0, stream>>>(arguments...);
+#endif
+  return cudaGetLastError();
+}
 
 // Multiprocessors of the current device (0 if it cannot be read: then nothing is split).
 inline int multiprocessors() {

@@ -73,10 +73,9 @@ cudaError_t segment_axpy(DType dtype, IndexType index, int64_t rows, int64_t col
   if (rows == 0 || columns == 0) return cudaSuccess;
   return dispatch(dtype, [&]<typename T>() {
     return dispatch(index, [&]<typename I>() {
-      segment_axpy_kernel<T, I><<<ceil_div(columns, kThreads), kThreads, 0, stream>>>(
-          rows, columns, segments, static_cast<const T*>(x), static_cast<const T*>(s), static_cast<const I*>(segment),
-          static_cast<const T*>(base), static_cast<T*>(out));
-      return cudaGetLastError();
+      return launch_kernel(segment_axpy_kernel<T, I>, ceil_div(columns, kThreads), kThreads, stream, rows, columns,
+                           segments, static_cast<const T*>(x), static_cast<const T*>(s),
+                           static_cast<const I*>(segment), static_cast<const T*>(base), static_cast<T*>(out));
     });
   });
 }
@@ -95,12 +94,14 @@ cudaError_t segment_dot(DType dtype, IndexType index, int64_t rows, int64_t colu
       using A = Acc<T>;
       const int64_t blocks = ceil_div(columns, kThreads);
       auto* partial = static_cast<A*>(workspace);
-      if (blocks > 0)
-        segment_dot_partials_kernel<T, I><<<blocks, kThreads, 0, stream>>>(
-            rows, columns, segments, static_cast<const T*>(x), static_cast<const T*>(y),
-            static_cast<const I*>(segment), partial);
-      segment_dot_combine_kernel<A><<<segments, kThreads, 0, stream>>>(blocks, partial, static_cast<A*>(out));
-      return cudaGetLastError();
+      if (blocks > 0) {
+        const cudaError_t status =
+            launch_kernel(segment_dot_partials_kernel<T, I>, blocks, kThreads, stream, rows, columns, segments,
+                          static_cast<const T*>(x), static_cast<const T*>(y), static_cast<const I*>(segment), partial);
+        if (status != cudaSuccess) return status;
+      }
+      return launch_kernel(segment_dot_combine_kernel<A>, segments, kThreads, stream, blocks, partial,
+                           static_cast<A*>(out));
     });
   });
 }

@@ -81,31 +81,41 @@ inline void check_statistics(const char* op, const at::Tensor& mean, const at::T
   check_vector(op, rstd, "rstd", x.size(1), statistics_type(x), x);
 }
 
+// The CUDA kernels' shape: kernels.h's BatchNormVariant.
+inline void check_variant(const char* op, int64_t variant) {
+  TORCH_CHECK_VALUE(variant == 0 || variant == 1, op, ": variant must be 0 (default) or 1 (overlapped), got ",
+                    variant);
+}
+
 inline GroupShape check_batch_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                           double eps) {
+                                           double eps, int64_t variant) {
   constexpr const char* op = "mamlfast::batch_norm_forward";
   const GroupShape shape = check_activations(op, x, weight);
   check_vector(op, bias, "bias", shape.channels, x.scalar_type(), x);
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  check_variant(op, variant);
   return shape;
 }
 
 inline GroupShape check_batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                             const at::Tensor& weight, const at::Tensor& mean,
-                                            const at::Tensor& rstd) {
+                                            const at::Tensor& rstd, int64_t variant) {
   constexpr const char* op = "mamlfast::batch_norm_backward";
   const GroupShape shape = check_activations(op, x, weight);
   check_like_x(op, grad_out, "grad_out", x);
   check_statistics(op, mean, rstd, x);
+  check_variant(op, variant);
   return shape;
 }
 
 inline GroupShape check_batch_norm_double_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                    const at::Tensor& weight, const at::Tensor& mean,
                                                    const at::Tensor& rstd, const at::Tensor& gg_x,
-                                                   const at::Tensor& gg_weight, const at::Tensor& gg_bias) {
+                                                   const at::Tensor& gg_weight, const at::Tensor& gg_bias,
+                                                   int64_t variant) {
   constexpr const char* op = "mamlfast::batch_norm_double_backward";
   const GroupShape shape = check_activations(op, x, weight);
+  check_variant(op, variant);
   check_like_x(op, grad_out, "grad_out", x);
   check_statistics(op, mean, rstd, x);
   check_like_x(op, gg_x, "gg_x", x);

@@ -113,6 +113,23 @@ def relative_errors(expected: dict, actual: dict, floor: float = 1e-6) -> dict:
 
 
 @pytest.fixture
+def hipcpu():
+    """tests/hipcpu.py, the CUDA kernels on HIP-CPU, with its library built; a skip saying what is
+    missing (HIP-CPU, TBB, the cpp operators to compare with), a failure under MAMLFAST_EXPECT_HIPCPU=1."""
+    import hipcpu as kernels
+    from mamlfast.ops.extension import load_error
+
+    reason = kernels.unavailable_reason() or load_error()
+    if reason:
+        if os.environ.get("MAMLFAST_EXPECT_HIPCPU") == "1":
+            pytest.fail(f"MAMLFAST_EXPECT_HIPCPU=1, but {reason}")
+        pytest.skip(reason)
+    kernels.library()
+    yield kernels
+    kernels.set_multiprocessors(0)
+
+
+@pytest.fixture
 def small_cfg():
     """Omniglot 5-way 1-shot MAML++ at a size the CPU runs in milliseconds."""
     return mamlfast.MAMLConfig.preset("omniglot-5w1s", image_size=16, num_filters=6, inner_steps=3,

@@ -1,5 +1,5 @@
-"""The benchmarks' own correctness: the torch.func peer computes MAML++, meta_step.py reports failures
-as error rows and keeps what it measured, and the GPU check's control flow runs (as a dry run on the CPU)."""
+"""The benchmarks' own correctness: the torch.func peer computes MAML++, meta_step.py and kernels.py report
+failures and keep what they measured, and the GPU check's control flow runs (as a dry run on the CPU)."""
 
 import json
 import os
@@ -18,6 +18,8 @@ from conftest import perturbed_learner, random_batch, relative_errors
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import gpu_summary  # noqa: E402
+import kernels  # noqa: E402
 import meta_step  # noqa: E402
 from func_peer import FuncMAMLPlusPlus  # noqa: E402
 
@@ -85,6 +87,54 @@ def test_meta_step_keeps_what_it_measured_when_interrupted(monkeypatch):
     assert rows["torch"]["error"] == "interrupted before it was timed"
 
 
+STEPS = ["build", "info", "meta_step-omniglot-20w1s", "graphs-bitwise", "tests", "kernels", "more-tests",
+         "profile-omniglot-20w1s", "meta_step-omniglot-5w1s", "meta_step-mini-imagenet-5w1s", "sanitizer"]
+
+
+def test_kernels_writes_rows_as_it_goes_and_keeps_them_when_interrupted(tmp_path, monkeypatch):
+    """The JSON holds every case measured so far; a KeyboardInterrupt (SIGTERM too, from the command line)
+    in the second case leaves the first case's rows, marked interrupted."""
+    timed = []
+
+    def interrupted_in_the_second_case(functions, *args):
+        if len(timed) == 3:  # the first case's three phases are done
+            raise KeyboardInterrupt
+        timed.append(functions)
+        return {name: [1.0] for name in functions}
+
+    written = []
+    monkeypatch.setattr(kernels, "time_interleaved", interrupted_in_the_second_case)
+    monkeypatch.setattr(kernels, "copy_ms", lambda *args: 1.0)
+    monkeypatch.setattr(kernels, "write_json", lambda path, result: written.append(json.loads(json.dumps(result))))
+    result = kernels.main(["--presets", "omniglot-5w1s", "--backends", "torch", "--json", str(tmp_path / "k.json")])
+    assert result["interrupted"]
+    assert [(row["phase"], row["backend"], row["variant"]) for row in result["rows"]] == [
+        ("forward", "torch", "default"), ("backward", "torch", "default"), ("double backward", "torch", "default")]
+    assert written[0]["rows"] == result["rows"] and not written[0]["interrupted"]  # written when the case ended
+    assert written[-1] == json.loads(json.dumps(result))
+
+
+def test_kernels_times_the_batch_norm_variants_of_the_cuda_and_triton_backends():
+    assert kernels.batch_norm_configurations(["torch", "cpp", "triton", "cuda"], ["default", "overlapped"]) == {
+        "torch": ("torch", "default"), "cpp": ("cpp", "default"), "triton": ("triton", "default"),
+        "cuda": ("cuda", "default"), "triton+overlapped": ("triton", "overlapped"),
+        "cuda+overlapped": ("cuda", "overlapped")}
+
+
+def test_gpu_summary_names_the_failures_of_a_pytest_cut_short(tmp_path):
+    """A pytest stopped before its summary still wrote its junit file: its failures are listed, once."""
+    (tmp_path / "tests.txt").write_text(
+        "..F\nFAILED tests/test_a.py::test_one - assert 1 == 2\n!!! KeyboardInterrupt !!!\n")
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_a" name="test_one"><failure message="m"/></testcase>'
+        '<testcase classname="tests.test_b" name="test_two[cuda]"><error message="e"/></testcase>'
+        '<testcase classname="tests.test_b" name="test_three"/></testsuite></testsuites>')
+    result = gpu_summary.pytest_result(tmp_path, "tests")
+    assert result["failures"] == ["FAILED tests/test_a.py::test_one - assert 1 == 2",
+                                  "ERROR tests/test_b.py::test_two[cuda]"]
+    assert result["summary"] == "!!! KeyboardInterrupt !!!"
+
+
 def _dry_run(out: Path, **env) -> subprocess.Popen:
     return subprocess.Popen([str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
                             env=dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DRY_RUN="1", **env),
@@ -96,13 +146,13 @@ def test_gpu_check_dry_run(tmp_path):
     output, _ = check.communicate(timeout=300)
     assert check.returncode == 0, output
     summary = json.loads((tmp_path / "gpu.json").read_text())
-    assert [step["name"] for step in summary["steps"]] == [
-        "install", "info", "meta_step-omniglot-20w1s", "tests", "profile-omniglot-20w1s", "meta_step-omniglot-5w1s",
-        "meta_step-mini-imagenet-5w1s", "kernels", "more-tests", "sanitizer"]
+    assert [step["name"] for step in summary["steps"]] == STEPS
     assert all(step["outcome"] == "passed" for step in summary["steps"])
     if shutil.which("nvcc"):  # the toolkit nvcc reports, also where the nvcc on PATH is a wrapper script
         assert (Path(summary["environment"]["cuda_home"]) / "bin" / "nvcc").is_file()
-    assert all("collected" in summary[name]["summary"] for name in ("tests", "more_tests", "sanitizer"))
+    assert all("collected" in summary[name]["summary"]
+               for name in ("graphs_bitwise", "tests", "more_tests", "sanitizer"))
+    assert (tmp_path / "tests.xml").exists()
     assert [run["rows"][0]["preset"] for run in summary["meta_step"]] == [
         "mini-imagenet-5w1s", "omniglot-20w1s", "omniglot-5w1s"]
     for run in summary["meta_step"]:
@@ -114,21 +164,22 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_gpu_check_goes_on_after_a_failure_and_summarizes_when_stopped(tmp_path):
-    """A failed build falls back to an install without the extension, a failed step does not end the
-    check, and SIGTERM stops it with gpu.json written."""
-    check = _dry_run(tmp_path, GPU_CHECK_FAIL="install,tests")
+    """A failed build and a failed step do not end the check, and SIGTERM stops it with gpu.json written:
+    the step under way (the hot ops' timings, or a later one if they end first) is interrupted."""
+    check = _dry_run(tmp_path, GPU_CHECK_FAIL="build,tests")
     deadline = time.monotonic() + 240
-    while not (tmp_path / "profile-omniglot-20w1s.txt").exists() and check.poll() is None:
-        assert time.monotonic() < deadline, "the dry run did not reach the profile step"
+    while not (tmp_path / "kernels.txt").exists() and check.poll() is None:
+        assert time.monotonic() < deadline, "the dry run did not reach the kernels step"
         time.sleep(0.1)
     time.sleep(1)  # the step is under way
     check.send_signal(signal.SIGTERM)
     output, _ = check.communicate(timeout=60)
     assert check.returncode == 143, output
     summary = json.loads((tmp_path / "gpu.json").read_text())
-    outcomes = {step["name"]: step["outcome"] for step in summary["steps"]}
-    assert outcomes == {"install": "failed", "install-without-extension": "passed", "info": "passed",
-                        "meta_step-omniglot-20w1s": "passed", "tests": "failed",
-                        "profile-omniglot-20w1s": "interrupted"}
+    outcomes = [(step["name"], step["outcome"]) for step in summary["steps"]]
+    stopped = len(outcomes) - 1
+    assert STEPS.index("kernels") <= stopped and outcomes[stopped] == (STEPS[stopped], "interrupted")
+    expected = {"build": "failed", "tests": "failed"}
+    assert outcomes[:stopped] == [(name, expected.get(name, "passed")) for name in STEPS[:stopped]]
     assert "planted failure" in summary["steps"][0]["log_tail"][-1]
     assert summary["meta_step"][0]["rows"][0]["preset"] == "omniglot-20w1s"

@@ -7,6 +7,8 @@ conftest.py), so the shapes are small, and the CUDA cases skip; with a GPU Trito
 compiled, on CUDA tensors.
 """
 
+import functools
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -14,6 +16,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import mamlfast
 from conftest import DEVICE, device_of, perturbed_learner, random_batch, relative_errors, usable, with_backend
 from mamlfast import ops
+from mamlfast.ops.batch_norm import KERNEL_VARIANTS
 
 
 @pytest.fixture(params=["cpp", "triton", "cuda"])
@@ -36,10 +39,12 @@ def _inputs(shape, dtype, seed=0, device=DEVICE):
 
 
 def _derivatives(backend, x, weight, bias, seed=1):
-    """Output, first derivatives, and second derivatives along a random direction, of batch norm."""
+    """Output, first derivatives, and second derivatives along a random direction, of batch norm by
+    ``backend``: a backend's name, or a function of (x, weight, bias)."""
+    norm = backend if callable(backend) else functools.partial(ops.task_batch_norm, backend=backend)
     x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
     g = torch.Generator().manual_seed(seed)
-    out = ops.task_batch_norm(x, weight, bias, backend=backend)
+    out = norm(x, weight, bias)
     upstream = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
     first = torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
     directions = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in first]
@@ -68,6 +73,27 @@ def test_batch_norm_float32_and_running_statistics(backend):
     evaluated = {name: ops.task_batch_norm(x, weight, bias, *stats[name], training=False, backend=name)
                  for name in names}
     torch.testing.assert_close(evaluated[backend], evaluated["torch"])
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_batch_norm_kernel_variants_match_torch_to_second_order(backend, variant):
+    """Each backend takes the variant (the cpp kernels have one shape); the hipcpu tests check the CUDA
+    kernels of each variant against the CPU kernels, test_kernel_reductions the Triton programs per group."""
+    inputs = _inputs((6, 1, 3, 27), torch.float64, device=device_of(backend))
+    fused = functools.partial(ops.task_batch_norm, backend=backend, kernel_variant=variant)
+    for name, a, e in zip(["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"],
+                          _derivatives(fused, *inputs), _derivatives("torch", *inputs), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_float64_eps_is_not_rounded_to_float32(backend):
+    """Groups whose variance (about 1e-9) is far below eps: 1/sqrt(var + eps) follows eps, which rounded to
+    float32 (9.99999975e-6) would move the outputs by up to 5e-10 here. Compiled Triton passed eps as float32
+    before; its interpreter, the extension and torch never did."""
+    x, weight, bias = _inputs((4, 2, 3, 5), torch.float64, device=device_of(backend))
+    x = (x - 2) * 1e-5
+    torch.testing.assert_close(ops.task_batch_norm(x, weight, bias, eps=1e-5, backend=backend),
+                               ops.task_batch_norm(x, weight, bias, eps=1e-5, backend="torch"), rtol=1e-13, atol=1e-13)
 
 
 def test_batch_norm_gradcheck_and_gradgradcheck(backend):

@@ -6,6 +6,8 @@ CUDA extension's cases run on a GPU only, at shapes its own policy splits (at le
 per block, while the grid has fewer than 2 blocks per multiprocessor).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ def _require(backend):
 def _force_triton_split(monkeypatch):
     """Triton: every group over 3 programs (fewer if too small) of blocks of 16 values."""
     monkeypatch.setattr(batch_norm_triton, "MAX_BLOCK", 16)
-    monkeypatch.setattr(batch_norm_triton, "programs_per_group", lambda groups, values, device: 3)
+    monkeypatch.setattr(batch_norm_triton, "programs_per_group", lambda groups, values, device, programs_per_sm: 3)
 
 
 def _case_id(value):
@@ -66,6 +68,18 @@ def _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, dtype,
     names = ["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"]
     for name, fused, reference in zip(names, _derivatives(backend, *inputs), _derivatives("torch", *inputs)):
         torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_triton_variants_split_groups_over_more_programs_per_multiprocessor(monkeypatch):
+    """On 132 multiprocessors, mini-ImageNet's first stage (96 groups of 5 x 84 x 84 values): the default
+    variant gives 2 programs per multiprocessor (3 per group), the overlapped one up to 8 (11 per group,
+    here 4, as chunks keep at least 8192 values); the default leaves 264 groups or more whole."""
+    monkeypatch.setattr(batch_norm_triton, "_multiprocessors", lambda device: 132)
+    per_sm = batch_norm_triton.PROGRAMS_PER_SM
+    assert batch_norm_triton.programs_per_group(96, 35280, None, per_sm["default"]) == 3
+    assert batch_norm_triton.programs_per_group(96, 35280, None, per_sm["overlapped"]) == 4
+    assert batch_norm_triton.programs_per_group(96, 200_000, None, per_sm["overlapped"]) == 11
+    assert batch_norm_triton.programs_per_group(264, 200_000, None, per_sm["default"]) == 1
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -115,9 +129,11 @@ def _segment_case(columns, segments, rows=3, order="shuffled", index_dtype=torch
 
 
 def _lslr_derivatives(backend, params, grads, lrs, ids):
-    """Output, first derivatives, and second derivatives along a fixed direction."""
+    """Output, first derivatives, and second derivatives along a fixed direction, of the LSLR update
+    by ``backend``: a backend's name, or a function of (params, grads, lrs, ids)."""
+    update = backend if callable(backend) else functools.partial(ops.lslr_update, backend=backend)
     inputs = [t.detach().requires_grad_() for t in (params, grads, lrs)]
-    out = ops.lslr_update(*inputs, ids, backend=backend)
+    out = update(*inputs, ids)
     upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
     second = torch.autograd.grad(first[1].square().sum() + first[2].square().sum(), inputs,

@@ -35,6 +35,11 @@ def test_task_batch_norm_refuses(change, message):
         ops.task_batch_norm(*change(*_batch_norm_inputs()), backend="torch")
 
 
+def test_task_batch_norm_refuses_an_unknown_kernel_variant():
+    with pytest.raises(ValueError, match="kernel_variant must be one of default, overlapped, got 'fast'"):
+        ops.task_batch_norm(*_batch_norm_inputs(), kernel_variant="fast", backend="torch")
+
+
 def _lslr_inputs(rows=2, sizes=(2, 3), dtype=torch.float32):
     columns = sum(sizes)
     return (torch.randn(rows, columns, dtype=dtype), torch.randn(rows, columns, dtype=dtype),
@@ -67,7 +72,7 @@ def test_lslr_update_takes_int32_and_int64_segment_ids_alike(backend):
 def test_triton_kernels_refuse_what_int32_offsets_cannot_index():
     huge = torch.empty(1, 1, 1, 1).expand(2**16, 2**15, 1, 1)  # 2**31 values, no memory
     with pytest.raises(ValueError, match="index in int32"):
-        batch_norm_triton.forward(huge, torch.ones(1), torch.zeros(1), 1e-5)
+        batch_norm_triton.forward(huge, torch.ones(1), torch.zeros(1), 1e-5, "default")
     flat = torch.empty(1, 1).expand(2**16, 2**15)
     with pytest.raises(ValueError, match="index in int32"):
         lslr_triton.segment_dot(flat, flat, torch.zeros(2**15, dtype=torch.long), 1)
@@ -82,7 +87,7 @@ def _compiled_cases():
             _, mean, _, rstd = torch.ops.mamlfast.batch_norm_forward(x, weight, bias, 1e-5)
             args = dict(grad_out=torch.randn_like(x), x=x, weight=weight, bias=bias, mean=mean, rstd=rstd,
                         gg_x=torch.randn_like(x), gg_weight=torch.randn_like(weight),
-                        gg_bias=torch.randn_like(bias), eps=1e-5)
+                        gg_bias=torch.randn_like(bias), eps=1e-5, variant=0)
             args.update({name: change(args) for name, change in changes.items()})
             return args
         make.argument = ",".join(changes)
@@ -102,6 +107,9 @@ def _compiled_cases():
         (forward, bn(bias=lambda a: a["bias"][:2]), r"bias must be \[3\], got \[2\]"),
         (forward, bn(bias=lambda a: a["bias"].cpu()), "bias must be on cuda:0 like x, got cpu", other_device),
         (forward, bn(eps=lambda a: -1.0), "eps must be >= 0"),
+        ((forward[0], forward[1] + ["variant"]), bn(variant=lambda a: 2),
+         r"variant must be 0 \(default\) or 1 \(overlapped\), got 2"),
+        ((double[0], double[1] + ["variant"]), bn(variant=lambda a: -1), "variant must be 0"),
         (backward, bn(grad_out=lambda a: a["grad_out"][:1]), "grad_out must have x's shape"),
         (backward, bn(grad_out=lambda a: a["grad_out"].half()), "grad_out must have x's dtype Float, got Half"),
         (backward, bn(mean=lambda a: a["mean"].double()), "mean must be Float, got Double"),

@@ -5,8 +5,7 @@ import logging
 import pytest
 import torch
 
-from conftest import DEVICE, perturbed_learner, random_batch
-from mamlfast.ops import resolve
+from conftest import DEVICE, perturbed_learner, random_batch, usable
 from mamlfast.step import MetaStep, make_optimizer
 
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
@@ -54,13 +53,14 @@ def test_graphs_not_asked_for_have_no_reason_to_report(small_cfg):
 
 
 @gpu
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
 def test_captured_steps_equal_eager_steps(small_cfg, backend, monkeypatch):
     """Twelve iterations across both phase switches (MSL ends, second order begins), each phase
     warmed up for two iterations and captured anew: the same losses and parameters as eager.
-    With the fused kernels (auto), which sum in a fixed order, and cuDNN's deterministic
+    With the fused kernels (cuda, triton), which sum in a fixed order, and cuDNN's deterministic
     convolutions, bitwise the same; the torch path's own kernels may add atomically, so it is
     compared to rounding."""
+    usable(backend)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     cfg = small_cfg.replace(backend=backend, msl_epochs=1, first_order_epochs=2, grad_clip=5.0)
@@ -73,7 +73,7 @@ def test_captured_steps_equal_eager_steps(small_cfg, backend, monkeypatch):
     (eager, eager_losses, _), (captured, captured_losses, step) = results[False], results[True]
     assert step.graphs and step.graph is not None and step.eager_reason is None
     assert step.replays == 6 and step.graph_replayed  # per phase: 2 eager warm-ups, the capture's replay, 1 more
-    bitwise = resolve(backend, torch.device(DEVICE)) != "torch"
+    bitwise = backend != "torch"
     assert captured_losses == (eager_losses if bitwise else pytest.approx(eager_losses, rel=1e-5))
     tolerance = dict(rtol=0, atol=0) if bitwise else dict(rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(captured.named_parameters(), eager.parameters()):

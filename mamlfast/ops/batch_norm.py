@@ -9,7 +9,6 @@ call, towards the mean over tasks of the per-task batch mean and unbiased varian
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -17,6 +16,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .backends import resolve
+
+# Shapes of the CUDA and Triton kernels (csrc/kernels.h: BatchNormVariant), measured against each other
+# by benchmarks/kernels.py: "default", today's, runs unless asked; "overlapped" keeps more loads in
+# flight per thread and splits groups over more blocks or programs per multiprocessor. The torch and
+# cpp backends have one shape.
+KERNEL_VARIANTS = ("default", "overlapped")
 
 
 def task_batch_norm(
@@ -30,15 +35,19 @@ def task_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     backend: str = "auto",
+    kernel_variant: str = "default",
 ) -> torch.Tensor:
     """Normalise ``x`` [N, B*C, H, W] per (task, channel) and apply ``weight``, ``bias`` [C].
 
     ``training=True`` normalises with the batch statistics and, if running statistics are
     given, updates them in place; ``training=False`` normalises with the running statistics.
+    ``kernel_variant`` picks the shape of the cuda and triton backends' kernels (KERNEL_VARIANTS).
     """
     _check_arguments(x, weight, bias, running_mean, running_var, training)
+    if kernel_variant not in KERNEL_VARIANTS:
+        raise ValueError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)}, got {kernel_variant!r}")
     implementation = _IMPLEMENTATIONS[resolve(backend, x.device)]
-    return implementation(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    return implementation(x, weight, bias, running_mean, running_var, training, momentum, eps, kernel_variant)
 
 
 def _check_arguments(x, weight, bias, running_mean, running_var, training) -> None:
@@ -65,7 +74,7 @@ def _check_arguments(x, weight, bias, running_mean, running_var, training) -> No
             raise ValueError(f"running statistics must be [C]={tuple(weight.shape)}, got {tuple(stat.shape)}")
 
 
-def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, kernel_variant=None):
     tasks = x.shape[1] // weight.shape[0]
     # [C] -> [B*C]: every task uses the same step's affine parameters
     weight, bias = weight.repeat(tasks), bias.repeat(tasks)
@@ -86,15 +95,17 @@ def _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training,
     return out
 
 
-def _fused_task_batch_norm(module, x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """Batch-statistics normalisation by the kernels of ``batch_norm_<module>.py``.
+def _fused_task_batch_norm(kernels, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                           kernel_variant="default"):
+    """Batch-statistics normalisation by ``kernels`` (a module like ``batch_norm_triton.py``) of the
+    given variant, which read every tensor as contiguous: they get them so.
 
     Normalising with fixed running statistics is one affine map: the torch path does it.
     """
     if not training:
         return _torch_task_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
-    kernels = importlib.import_module(f".batch_norm_{module}", __package__)
-    out, mean, var = _TaskBatchNorm.apply(x.contiguous(), weight, bias, eps, kernels)
+    out, mean, var = _TaskBatchNorm.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, kernels,
+                                          kernel_variant)
     if running_mean is not None and x.numel():
         values = x.numel() // x.shape[1]
         with torch.no_grad():
@@ -109,10 +120,10 @@ class _TaskBatchNorm(torch.autograd.Function):
     """Fused forward; its backward is itself differentiable (``_TaskBatchNormBackward``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, kernels):
-        out, mean, var, rstd = kernels.forward(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, kernels, variant):
+        out, mean, var, rstd = kernels.forward(x, weight, bias, eps, variant)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.kernels = kernels
+        ctx.kernels, ctx.variant = kernels, variant
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
@@ -120,8 +131,8 @@ class _TaskBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, mean, rstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = _TaskBatchNormBackward.apply(
-            grad_out.contiguous(), x, weight, mean, rstd, ctx.kernels)
-        return grad_x, grad_weight, grad_bias, None, None
+            grad_out.contiguous(), x, weight, mean, rstd, ctx.kernels, ctx.variant)
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class _TaskBatchNormBackward(torch.autograd.Function):
@@ -129,10 +140,10 @@ class _TaskBatchNormBackward(torch.autograd.Function):
     the double-backward formulas differentiate analytically, so they get no gradient here."""
 
     @staticmethod
-    def forward(ctx, grad_out, x, weight, mean, rstd, kernels):
-        grad_x, grad_weight, grad_bias = kernels.backward(grad_out, x, weight, mean, rstd)
+    def forward(ctx, grad_out, x, weight, mean, rstd, kernels, variant):
+        grad_x, grad_weight, grad_bias = kernels.backward(grad_out, x, weight, mean, rstd, variant)
         ctx.save_for_backward(grad_out, x, weight, mean, rstd)
-        ctx.kernels = kernels
+        ctx.kernels, ctx.variant = kernels, variant
         channels = weight.shape[0]
         # per (task, channel) [B*C] -> summed over tasks [C]
         return (grad_x, grad_weight.view(-1, channels).sum(0).to(weight.dtype),
@@ -146,14 +157,21 @@ class _TaskBatchNormBackward(torch.autograd.Function):
         gg_weight = torch.zeros_like(weight) if gg_weight is None else gg_weight
         gg_bias = torch.zeros_like(weight) if gg_bias is None else gg_bias
         grad_grad_out, grad_x, grad_weight = ctx.kernels.double_backward(
-            grad_out, x, weight, mean, rstd, gg_x, gg_weight.contiguous(), gg_bias.contiguous())
+            grad_out, x, weight, mean, rstd, gg_x, gg_weight.contiguous(), gg_bias.contiguous(), ctx.variant)
         grad_weight = grad_weight.view(-1, weight.shape[0]).sum(0).to(weight.dtype)
-        return grad_grad_out, grad_x, grad_weight, None, None, None
+        return grad_grad_out, grad_x, grad_weight, None, None, None, None
+
+
+def _with_kernels(module: str):
+    """The fused path with the kernels of ``batch_norm_<module>.py``, imported at the first call."""
+    def implementation(*args):
+        return _fused_task_batch_norm(importlib.import_module(f".batch_norm_{module}", __package__), *args)
+    return implementation
 
 
 _IMPLEMENTATIONS = {
     "torch": _torch_task_batch_norm,
-    "triton": functools.partial(_fused_task_batch_norm, "triton"),
-    "cuda": functools.partial(_fused_task_batch_norm, "extension"),
-    "cpp": functools.partial(_fused_task_batch_norm, "extension"),
+    "triton": _with_kernels("triton"),
+    "cuda": _with_kernels("extension"),
+    "cpp": _with_kernels("extension"),
 }

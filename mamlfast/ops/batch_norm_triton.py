@@ -17,7 +17,8 @@ written <.>, the maths is:
                             + gdgamma r (dy - <dy> - xh <dy xh>)
                      g_gamma_g = r M (<gdx dy> - <gdx><dy> - <gdx xh><dy xh>)
 
-The per-group gamma gradients are summed over tasks by the caller.
+The per-group gamma gradients are summed over tasks by the caller. Every tensor comes contiguous
+(batch_norm.py makes them so): the kernels index the activations, weight and bias as such.
 
 Each kernel makes a few sums over a group, then applies them to each value. One program
 handles one group (PASS "whole"), unless the groups are too few to occupy the GPU: then a
@@ -44,15 +45,17 @@ from .triton_common import aligned, check_indexable
 MAX_BLOCK = 1024
 VALUES_PER_THREAD = 4
 SINGLE_PASS_LIMIT = 4096   # a group of at most this many values is read once, kept in registers
-PROGRAMS_PER_SM = 2        # groups are split while there are fewer programs than this per multiprocessor,
+# groups are split while there are fewer programs than this per multiprocessor, per kernel variant
+# (batch_norm.KERNEL_VARIANTS: "overlapped" has more programs in flight per multiprocessor),
+PROGRAMS_PER_SM = {"default": 2, "overlapped": 8}
 MIN_PROGRAM_VALUES = 8192  # into chunks of at least this many values
 
 
-def programs_per_group(groups: int, values: int, device: torch.device) -> int:
+def programs_per_group(groups: int, values: int, device: torch.device, programs_per_sm: int) -> int:
     """Programs per group of ``values`` values: one while the ``groups`` alone give every
-    multiprocessor PROGRAMS_PER_SM programs, else as many as do, each over at least
+    multiprocessor ``programs_per_sm`` programs, else as many as do, each over at least
     MIN_PROGRAM_VALUES values."""
-    target = PROGRAMS_PER_SM * _multiprocessors(device)
+    target = programs_per_sm * _multiprocessors(device)
     if groups == 0 or groups >= target:
         return 1
     return max(1, min(triton.cdiv(target, groups), values // MIN_PROGRAM_VALUES))
@@ -92,6 +95,27 @@ def _combined(PARTIAL, group, splits, k, SUMS: tl.constexpr, SPLITS: tl.constexp
 
 
 @triton.jit
+def _mean(total, M, ACC: tl.constexpr):
+    """total / M rounded to nearest, as the CUDA kernels divide (float32's `/` would compile to div.full.f32, an
+    approximation)."""
+    if ACC == tl.float32:
+        return tl.div_rn(total, M.to(tl.float32))
+    else:
+        return total / M
+
+
+@triton.jit
+def _rstd(var, eps, ACC: tl.constexpr):
+    """1/sqrt(var + eps) with the square root and the division rounded to nearest, as in the CUDA kernels
+    (tl.sqrt would compile to sqrt.approx.ftz.f32); eps comes as float64 and is rounded to ACC, as there."""
+    shifted = var + tl.full([], eps, ACC)
+    if ACC == tl.float32:
+        return tl.div_rn(1.0, tl.sqrt_rn(shifted))
+    else:
+        return 1.0 / tl.sqrt(shifted)
+
+
+@triton.jit
 def _forward_sums(X, group, begin, end, shift, groups,
                   HW: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
     total = tl.zeros([BLOCK], ACC)
@@ -105,7 +129,7 @@ def _forward_sums(X, group, begin, end, shift, groups,
 
 
 @triton.jit
-def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channels, M, chunk, splits, eps,
+def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channels, M, chunk, splits, eps: tl.float64,
                     HW: tl.constexpr, BLOCK: tl.constexpr, PASS: tl.constexpr, SPLITS: tl.constexpr,
                     VEC: tl.constexpr, ACC: tl.constexpr):
     group, begin, end = _program_chunk(M, chunk, splits)
@@ -114,10 +138,10 @@ def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channe
     if PASS == "single":  # the whole group fits in one block: read it once
         offsets, mask = _group_offsets(group, 0, M, groups, HW, BLOCK, VEC)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-        mean = tl.sum(x, 0) / M
+        mean = _mean(tl.sum(x, 0), M, ACC)
         centred = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(centred * centred, 0) / M
-        rstd = 1.0 / tl.sqrt(var + eps)
+        var = _mean(tl.sum(centred * centred, 0), M, ACC)
+        rstd = _rstd(var, eps, ACC)
         tl.store(Y + offsets, (centred * rstd * weight + bias).to(Y.dtype.element_ty), mask=mask)
         tl.store(MEAN + group, mean)
         tl.store(VAR + group, var)
@@ -136,10 +160,10 @@ def _forward_kernel(X, Y, WEIGHT, BIAS, MEAN, VAR, RSTD, PARTIAL, groups, channe
                 squares = _combined(PARTIAL, group, splits, 1, 2, SPLITS)
             else:
                 total, squares = _forward_sums(X, group, 0, M, shift, groups, HW, BLOCK, VEC, ACC)
-            shifted_mean = total / M
-            var = tl.maximum(squares / M - shifted_mean * shifted_mean, 0.0)
+            shifted_mean = _mean(total, M, ACC)
+            var = tl.maximum(_mean(squares, M, ACC) - shifted_mean * shifted_mean, 0.0)
             mean = shifted_mean + shift
-            rstd = 1.0 / tl.sqrt(var + eps)
+            rstd = _rstd(var, eps, ACC)
             for start in range(begin, end, BLOCK):
                 offsets, mask = _group_offsets(group, start, end, groups, HW, BLOCK, VEC)
                 x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
@@ -183,8 +207,8 @@ def _backward_kernel(DY, X, WEIGHT, MEAN, RSTD, DX, DWEIGHT, DBIAS, PARTIAL, gro
         else:
             sum_dy, sum_dy_xh = _backward_sums(DY, X, group, 0, M, mean, rstd, groups, HW, BLOCK, VEC, ACC)
         weight = tl.load(WEIGHT + group % channels).to(ACC)
-        mean_dy = sum_dy / M
-        mean_dy_xh = sum_dy_xh / M
+        mean_dy = _mean(sum_dy, M, ACC)
+        mean_dy_xh = _mean(sum_dy_xh, M, ACC)
         for start in range(begin, end, BLOCK):
             offsets, mask = _group_offsets(group, start, end, groups, HW, BLOCK, VEC)
             xh = (tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean) * rstd
@@ -248,11 +272,11 @@ def _double_backward_kernel(DY, X, WEIGHT, MEAN, RSTD, GDX, GDWEIGHT, GDBIAS, G_
         weight = tl.load(WEIGHT + group % channels).to(ACC)
         gdweight = tl.load(GDWEIGHT + group % channels).to(ACC)
         gdbias = tl.load(GDBIAS + group % channels).to(ACC)
-        mean_dy = sum_dy / M
-        mean_dy_xh = sum_dy_xh / M
-        mean_gdx = sum_gdx / M
-        mean_gdx_xh = sum_gdx_xh / M
-        covariance = sum_gdx_dy / M - mean_gdx * mean_dy
+        mean_dy = _mean(sum_dy, M, ACC)
+        mean_dy_xh = _mean(sum_dy_xh, M, ACC)
+        mean_gdx = _mean(sum_gdx, M, ACC)
+        mean_gdx_xh = _mean(sum_gdx_xh, M, ACC)
+        covariance = _mean(sum_gdx_dy, M, ACC) - mean_gdx * mean_dy
         for start in range(begin, end, BLOCK):
             offsets, mask = _group_offsets(group, start, end, groups, HW, BLOCK, VEC)
             xh = (tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean) * rstd
@@ -273,13 +297,13 @@ class _Launch:
     each applies to, the block, and the workspace of partial sums (``sums`` per program) of
     split groups."""
 
-    def __init__(self, x: torch.Tensor, sums: int):
+    def __init__(self, x: torch.Tensor, sums: int, variant: str):
         check_indexable(x, "batch-norm")
         self.groups, self.hw = x.shape[1], x.shape[2] * x.shape[3]
         self.values = x.shape[0] * self.hw
         self.empty = self.values == 0 or self.groups == 0
         self.block = min(MAX_BLOCK, max(triton.next_power_of_2(self.values), 16))
-        splits = programs_per_group(self.groups, self.values, x.device)
+        splits = programs_per_group(self.groups, self.values, x.device, PROGRAMS_PER_SM[variant])
         # chunks are whole blocks; a group's last program takes what is left
         self.chunk = max(triton.cdiv(triton.cdiv(self.values, splits), self.block), 1) * self.block
         self.splits = max(triton.cdiv(self.values, self.chunk), 1)
@@ -307,10 +331,10 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def forward(x, weight, bias, eps):
+def forward(x, weight, bias, eps, variant):
     """y, and per-group mean, biased variance and 1/sqrt(var + eps) [G] (NaN for groups of no values)."""
     x = aligned(x)
-    launch = _Launch(x, sums=2)
+    launch = _Launch(x, sums=2, variant=variant)
     y = torch.empty_like(x)
     mean, var, rstd = (torch.empty(launch.groups, device=x.device, dtype=launch.statistics_dtype) for _ in range(3))
     if launch.empty:  # means of no values
@@ -324,10 +348,10 @@ def forward(x, weight, bias, eps):
     return y, mean, var, rstd
 
 
-def backward(dy, x, weight, mean, rstd):
+def backward(dy, x, weight, mean, rstd, variant):
     """dx, and per-group gradients of gamma and beta [G]."""
     dy, x = aligned(dy), aligned(x)
-    launch = _Launch(x, sums=2)
+    launch = _Launch(x, sums=2, variant=variant)
     dx = torch.empty_like(x)
     dweight, dbias = (torch.empty(launch.groups, device=x.device, dtype=mean.dtype) for _ in range(2))
     if launch.empty:  # sums of no values
@@ -338,10 +362,10 @@ def backward(dy, x, weight, mean, rstd):
     return dx, dweight, dbias
 
 
-def double_backward(dy, x, weight, mean, rstd, gdx, gdweight, gdbias):
+def double_backward(dy, x, weight, mean, rstd, gdx, gdweight, gdbias, variant):
     """Gradients with respect to dy and x, and per-group ones of gamma [G], of the backward."""
     dy, x, gdx = aligned(dy), aligned(x), aligned(gdx)
-    launch = _Launch(x, sums=5)
+    launch = _Launch(x, sums=5, variant=variant)
     g_dy, g_x = torch.empty_like(x), torch.empty_like(x)
     g_weight = torch.empty(launch.groups, device=x.device, dtype=mean.dtype)
     if launch.empty:  # a sum of no values

@@ -14,6 +14,9 @@ REINSTALL = "reinstall mamlfast with pip install --no-build-isolation -e . from 
 # the operators torch.ops.mamlfast.* that the Python code calls, each with a CPU kernel
 OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_backward", "segment_axpy",
              "segment_dot", "max_pool2x2_forward", "max_pool2x2_backward", "max_pool2x2_double_backward")
+# arguments that operators gained after their first release, which a stale build lacks
+LATER_ARGUMENTS = {"batch_norm_forward": "variant", "batch_norm_backward": "variant",
+                   "batch_norm_double_backward": "variant"}
 
 
 @functools.cache
@@ -28,6 +31,10 @@ def load_error() -> str | None:
     if missing:
         return (f"the extension mamlfast._C is older than mamlfast's Python code (it has no operator "
                 f"mamlfast::{missing[0]}): {REINSTALL}")
+    for name, argument in LATER_ARGUMENTS.items():
+        if argument not in {a.name for a in getattr(torch.ops.mamlfast, name).default._schema.arguments}:
+            return (f"the extension mamlfast._C is older than mamlfast's Python code (mamlfast::{name} takes no "
+                    f"argument {argument}): {REINSTALL}")
     _register_fakes()
     return None
 
@@ -76,15 +83,15 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     @torch.library.register_fake("mamlfast::batch_norm_forward")
-    def _(x, weight, bias, eps):
+    def _(x, weight, bias, eps, variant=0):
         return torch.empty_like(x), statistics(x), statistics(x), statistics(x)
 
     @torch.library.register_fake("mamlfast::batch_norm_backward")
-    def _(grad_out, x, weight, mean, rstd):
+    def _(grad_out, x, weight, mean, rstd, variant=0):
         return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
 
     @torch.library.register_fake("mamlfast::batch_norm_double_backward")
-    def _(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias):
+    def _(grad_out, x, weight, mean, rstd, gg_x, gg_weight, gg_bias, variant=0):
         return torch.empty_like(x), torch.empty_like(x), torch.empty_like(mean)
 
     @torch.library.register_fake("mamlfast::segment_axpy")

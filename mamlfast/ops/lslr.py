@@ -11,7 +11,6 @@ differentiable in ``params``, ``grads`` and ``lrs``.
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -60,10 +59,10 @@ def _torch_lslr_update(params, grads, lrs, segment_ids):
     return params - lrs[segment_ids] * grads
 
 
-def _fused_lslr_update(module, params, grads, lrs, segment_ids):
-    """The update by the kernels of ``lslr_<module>.py``, as out = params + (-lrs)[seg] * grads."""
-    kernels = importlib.import_module(f".lslr_{module}", __package__)
-    return _SegmentAxpy.apply(grads, -lrs, params, segment_ids, kernels)
+def _fused_lslr_update(kernels, params, grads, lrs, segment_ids):
+    """The update by ``kernels`` (a module like ``lslr_triton.py``), as out = params + (-lrs)[seg] * grads.
+    The kernels read every tensor as contiguous: they get them so."""
+    return _SegmentAxpy.apply(grads, -lrs, params, segment_ids.contiguous(), kernels)
 
 
 class _SegmentAxpy(torch.autograd.Function):
@@ -104,9 +103,16 @@ class _SegmentDot(torch.autograd.Function):
         return grad_x, grad_y, None, None, None
 
 
+def _with_kernels(module: str):
+    """The fused update with the kernels of ``lslr_<module>.py``, imported at the first call."""
+    def implementation(*args):
+        return _fused_lslr_update(importlib.import_module(f".lslr_{module}", __package__), *args)
+    return implementation
+
+
 _IMPLEMENTATIONS = {
     "torch": _torch_lslr_update,
-    "triton": functools.partial(_fused_lslr_update, "triton"),
-    "cuda": functools.partial(_fused_lslr_update, "extension"),
-    "cpp": functools.partial(_fused_lslr_update, "extension"),
+    "triton": _with_kernels("triton"),
+    "cuda": _with_kernels("extension"),
+    "cpp": _with_kernels("extension"),
 }

@@ -1,7 +1,8 @@
 """The compiled extension's LSLR kernels, with the Triton module's interface.
 
 The operators ``torch.ops.mamlfast.*`` run csrc/lslr_cpu.cpp on CPU tensors (backend ``cpp``)
-and csrc/lslr.cu on CUDA tensors (backend ``cuda``): the dispatcher picks by device.
+and csrc/lslr.cu on CUDA tensors (backend ``cuda``): the dispatcher picks by device. Tensors come
+contiguous (lslr.py makes them so), as the operators require.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ extension.require()
 
 
 def segment_axpy(x, s, segment, base):
-    return torch.ops.mamlfast.segment_axpy(x, s.to(x.dtype).contiguous(), segment, base)
+    return torch.ops.mamlfast.segment_axpy(x, s.to(x.dtype), segment, base)
 
 
 def segment_dot(x, y, segment, segments):

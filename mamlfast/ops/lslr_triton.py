@@ -9,6 +9,7 @@ Segment ids may come in any order. ``segment_dot`` sums without atomics, in an o
 the shapes: each program sums a block of columns down the rows, then per segment across the
 block (PARTIAL [T, blocks]); a second launch adds each segment's partial sums in block order.
 Segment ids outside [0, T) are caught by device assertions when Triton runs with TRITON_DEBUG=1.
+Every tensor comes contiguous (lslr.py makes them so): the kernels index them as such.
 """
 
 from __future__ import annotations
