@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import mamlfast  # noqa: E402
-from mamlfast.data import load_dataset  # noqa: E402
-from mamlfast.train import Trainer  # noqa: E402
-from timing import device_name  # noqa: E402
+import mamlfast
+from mamlfast.data import load_dataset
+from mamlfast.timing import device_name
+from mamlfast.train import Trainer
 
 
 def parse_args(argv=None):

@@ -18,13 +18,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import mamlfast  # noqa: E402
-from mamlfast.files import write_json  # noqa: E402
-from mamlfast.train import eval_chunk  # noqa: E402
-from memory import held_bytes, probe  # noqa: E402
-from timing import device_name, median, time_interleaved, versions  # noqa: E402
+import mamlfast
+from mamlfast.files import write_json
+from mamlfast.memory import held_bytes, probe
+from mamlfast.timing import device_name, median, time_interleaved, versions
+from mamlfast.train import eval_chunk
 
 
 def parse_args(argv=None):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one call of at most 10 minutes on a bare CUDA machine with torch installed and no
-# internet. What matters most runs first: the extension built for the card in hand; the headline figures
+# internet. What matters most runs first: the extension built for the card in hand; `mamlfast check --device cuda`
+# (every fused backend against torch per op and dtype, then its speed); the headline figures
 # (omniglot-20w1s, meta-batch 8, second order: loop, func, torch, cuda and triton, eager and with CUDA graphs)
 # and the check that captured steps equal eager ones bit for bit; the GPU tests; the hot ops' timings, both
 # batch-norm kernel variants side by side (the default stays until these decide); then the other GPU tests,
@@ -145,6 +146,7 @@ cat "$out/env.txt" >&2
 if [ "$dry" = 1 ]; then
   export OMP_NUM_THREADS=1
   build=(echo "dry run: setup.py build_ext --inplace, CUDA_HOME=${cuda_home:-none} TORCH_CUDA_ARCH_LIST=${arch:-none}")
+  check=("$py" -m mamlfast check --device cpu --backends torch --tasks 1 --repeats 1 --no-memory)
   headline=func,torch,auto,torch+recompute
   configurations=$headline
   small=(--tasks 2 --override image_size=16 --override num_filters=4 --repeats 2 --warmup 1 --no-memory)
@@ -154,6 +156,7 @@ if [ "$dry" = 1 ]; then
 else
   build=(env CUDA_HOME="$cuda_home" TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
          "$py" setup.py build_ext --inplace)
+  check=("$py" -m mamlfast check --device cuda --repeats 5)
   headline=torch,cuda,triton,torch+graphs,cuda+graphs,triton+graphs
   configurations=func,torch,triton,cuda,auto,auto+graphs,auto+graphs+recompute
   small=(--repeats 10 --warmup 3)
@@ -180,6 +183,7 @@ more_gpu_tests=(tests/test_kernel_reductions.py tests/test_op_arguments.py tests
   tests/test_max_pool.py tests/test_conv.py tests/test_triton_compiled.py
   tests/test_data.py::test_images_held_on_the_host_give_the_batches_of_images_held_on_the_gpu)
 
+step check 150 "${check[@]}" --no-progress --json "$out/check.json"
 step info 60 "$py" -m mamlfast info
 meta_step omniglot-20w1s 150 "$headline"
 pytest_step graphs-bitwise 60 tests/test_step.py -k captured_steps_equal_eager_steps

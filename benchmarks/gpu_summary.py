@@ -94,6 +94,7 @@ def read_json(path: Path) -> dict:
 
 def summarize(out: Path) -> dict:
     return dict(environment=read_environment(out), steps=read_steps(out),
+                check=read_json(out / "check.json") if (out / "check.json").exists() else None,
                 **{name.replace("-", "_"): pytest_result(out, name) for name in PYTEST_STEPS},
                 meta_step=[read_json(path) for path in sorted(out.glob("meta_step-*.json"))],
                 profiles=[read_json(path) for path in sorted(out.glob("profile-*.json"))],

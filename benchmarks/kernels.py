@@ -17,26 +17,26 @@ them, says it was interrupted, and exits 1.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mamlfast
+from mamlfast import ops
+from mamlfast.files import write_json
+from mamlfast.ops.batch_norm import KERNEL_VARIANTS
+from mamlfast.speed import op_cases
+from mamlfast.timing import device_name, median, time_interleaved, versions
 
-import mamlfast  # noqa: E402
-from mamlfast import ops  # noqa: E402
-from mamlfast.files import write_json  # noqa: E402
-from mamlfast.ops.batch_norm import KERNEL_VARIANTS  # noqa: E402
-from timing import device_name, median, time_interleaved, versions  # noqa: E402
-
-# tensors of the activations' size each phase reads or writes, at least
-BN_TRAFFIC = {"forward": 2, "backward": 3, "double backward": 5}
-LSLR_TRAFFIC = {"forward": 3, "backward": 3}
-# the input or its gradient, and the pooled quarter; the byte per window of argmax is not counted
-MAX_POOL_TRAFFIC = {"forward": 1.25, "backward": 1.25, "double backward": 1.25}
-CONV_PHASES = {"forward": None, "backward": None, "double backward": None}
+# tensors of the activations' size each phase reads or writes, at least, per op; the byte per window of
+# argmax is not counted; the convolutions, bound by arithmetic, get no bandwidth
+TRAFFIC = {
+    "batch norm": {"forward": 2, "backward": 3, "double backward": 5},
+    "lslr update": {"forward": 3, "backward": 3, "double backward": 4},
+    "max pool": {"forward": 1.25, "backward": 1.25, "double backward": 1.25},
+    "conv": {"forward": None, "backward": None, "double backward": None},
+}
 
 
 def parse_args(argv=None):
@@ -58,105 +58,10 @@ def parse_args(argv=None):
     return args
 
 
-def stage_shapes(cfg: mamlfast.MAMLConfig) -> list[tuple[int, int, int, int]]:
-    """[N*K, B*F, H, W] entering each stage's batch norm and max pooling in the support forward."""
-    shapes, size = [], cfg.image_size
-    for _ in range(cfg.num_stages):
-        shapes.append((cfg.n_way * cfg.k_shot, cfg.meta_batch_size * cfg.num_filters, size, size))
-        size //= 2
-    return shapes
-
-
-def random_tensors(device):
-    """A function of sizes giving Gaussian tensors on ``device``, the same sequence every run."""
-    g = torch.Generator().manual_seed(0)
-    return lambda *size: torch.randn(*size, generator=g).to(device)
-
-
-def batch_norm_phases(backend, shape, channels, device, variant="default"):
-    """Callables running the forward, backward and double backward of one batch norm."""
-    tensor = random_tensors(device)
-    x, weight, bias = tensor(*shape).requires_grad_(), (tensor(channels) + 2).requires_grad_(), tensor(channels)
-    bias.requires_grad_()
-    upstream = tensor(*shape).requires_grad_()
-    out = ops.task_batch_norm(x, weight, bias, backend=backend, kernel_variant=variant)
-    first = torch.autograd.grad(out, (x, weight, bias), upstream, create_graph=True)
-    second_upstream = [tensor(*t.shape) for t in first]
-    return {
-        "forward": lambda: ops.task_batch_norm(x, weight, bias, backend=backend, kernel_variant=variant),
-        "backward": lambda: torch.autograd.grad(out, (x, weight, bias), upstream, retain_graph=True),
-        "double backward": lambda: torch.autograd.grad(first, (x, weight, upstream), second_upstream,
-                                                       retain_graph=True, allow_unused=True),
-    }
-
-
-def max_pool_phases(backend, shape, device):
-    """Callables running the forward, backward and double backward of one max pooling."""
-    tensor = random_tensors(device)
-    x = tensor(*shape).requires_grad_()
-    out = ops.max_pool2x2(x, backend=backend)
-    upstream = tensor(*out.shape).requires_grad_()
-    (first,) = torch.autograd.grad(out, x, upstream, create_graph=True)
-    second_upstream = tensor(*shape)
-    return {
-        "forward": lambda: ops.max_pool2x2(x, backend=backend),
-        "backward": lambda: torch.autograd.grad(out, x, upstream, retain_graph=True),
-        "double backward": lambda: torch.autograd.grad(first, upstream, second_upstream, retain_graph=True),
-    }
-
-
-def conv_phases(backend, cfg, stage, device):
-    """Callables running the forward, backward and double backward of stage ``stage``'s grouped convolution."""
-    tensor = random_tensors(device)
-    samples, out_channels, size, _ = stage_shapes(cfg)[stage]
-    tasks, in_channels = cfg.meta_batch_size, cfg.image_channels if stage == 0 else cfg.num_filters
-    x = tensor(samples, tasks * in_channels, size, size)
-    weight, bias = tensor(out_channels, in_channels, 3, 3).requires_grad_(), tensor(out_channels).requires_grad_()
-    # the images need no gradient; later stages' inputs do
-    inputs = (weight, bias) if stage == 0 else (x.requires_grad_(), weight, bias)
-
-    def forward():
-        return ops.grouped_conv2d(x, weight, bias, padding=1, groups=tasks, backend=backend)
-
-    out = forward()
-    upstream = tensor(*out.shape).requires_grad_()
-    first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
-    second_upstream = [tensor(*t.shape) for t in first]
-    return {
-        "forward": forward,
-        "backward": lambda: torch.autograd.grad(out, inputs, upstream, retain_graph=True),
-        "double backward": lambda: torch.autograd.grad(first, inputs[:-1] + (upstream,), second_upstream,
-                                                       retain_graph=True, allow_unused=True),
-    }
-
-
-def lslr_phases(backend, learner, tasks, device):
-    sizes = [p.numel() for p in learner.net.adapted_parameters().values()]
-    segments = ops.segment_ids_for(sizes, device)
-    g = torch.Generator().manual_seed(0)
-    params, grads = (torch.randn(tasks, sum(sizes), generator=g).to(device).requires_grad_() for _ in range(2))
-    lrs = torch.rand(len(sizes), generator=g).to(device).requires_grad_()
-    out = ops.lslr_update(params, grads, lrs, segments, backend=backend)
-    upstream = torch.randn_like(out)
-    return {
-        "forward": lambda: ops.lslr_update(params, grads, lrs, segments, backend=backend),
-        "backward": lambda: torch.autograd.grad(out, (params, grads, lrs), upstream, retain_graph=True),
-    }, params.numel()
-
-
 def copy_ms(numel, device, repeats, warmup):
     source = torch.randn(numel, device=device)
     target = torch.empty_like(source)
     return median(time_interleaved({"copy": lambda: target.copy_(source)}, device, repeats, warmup)["copy"])
-
-
-def batch_norm_configurations(backends: list[str], variants: list[str]) -> dict[str, tuple[str, str]]:
-    """Label -> (backend, kernel variant): every backend in the default variant, the cuda and triton
-    backends also in the other variants asked for."""
-    configurations = {b: (b, "default") for b in backends}
-    configurations.update({f"{b}+{v}": (b, v) for b in backends if b in ("cuda", "triton")
-                           for v in variants if v != "default"})
-    return configurations
 
 
 def main(argv=None) -> dict:
@@ -172,6 +77,7 @@ def main(argv=None) -> dict:
     rows = []
     result = dict(device=device_name(device), **versions(), threads=torch.get_num_threads(),
                   repeats=args.repeats, interrupted=False, rows=rows)
+
     def save():
         if args.json:
             write_json(args.json, result)
@@ -188,40 +94,24 @@ def main(argv=None) -> dict:
 def measure(args, device, backends: list[str], rows: list[dict], save) -> None:
     """Appends a row per case, phase and configuration to ``rows``, calling ``save`` after each case."""
     for preset in args.presets.split(","):
-        cfg = mamlfast.MAMLConfig.preset(preset)
-        cases = [(f"batch norm {list(shape)}", BN_TRAFFIC, shape[0] * shape[1] * shape[2] * shape[3],
-                  {label: batch_norm_phases(b, shape, cfg.num_filters, device, variant)
-                   for label, (b, variant) in batch_norm_configurations(backends, args.variants).items()})
-                 for shape in stage_shapes(cfg)]
-        # only cpp has pooling kernels of its own: other backends' rows would time PyTorch's again
-        pool_backends = [b for b in backends if b in ("torch", "cpp")]
-        if "cpp" in pool_backends:
-            cases += [(f"max pool {list(shape)}", MAX_POOL_TRAFFIC, shape[0] * shape[1] * shape[2] * shape[3],
-                       {b: max_pool_phases(b, shape, device) for b in pool_backends})
-                      for shape in stage_shapes(cfg)]
-            # likewise for the convolution's second derivative
-            cases += [(f"conv {list(shape)}", CONV_PHASES, shape[0] * shape[1] * shape[2] * shape[3],
-                       {b: conv_phases(b, cfg, stage, device) for b in pool_backends})
-                      for stage, shape in enumerate(stage_shapes(cfg))]
-        learner = mamlfast.MAMLPlusPlus(cfg)
-        lslr = {b: lslr_phases(b, learner, cfg.meta_batch_size, device) for b in backends}
-        numel = next(iter(lslr.values()))[1]
-        cases.append((f"lslr update [{cfg.meta_batch_size}, {numel // cfg.meta_batch_size}]", LSLR_TRAFFIC, numel,
-                      {b: phases for b, (phases, _) in lslr.items()}))
-        for op, traffic, numel, per_backend in cases:
+        for case in op_cases(mamlfast.MAMLConfig.preset(preset), backends, device, tuple(args.variants)):
+            for label, error in case.errors.items():
+                print(f"{case.label}: {label} failed: {error}")
+            traffic = TRAFFIC[case.kind]
             if any(traffic.values()):
-                copy = copy_ms(numel, device, args.repeats, args.warmup)
-                copy_bandwidth = 2 * numel * 4 / copy / 1e6  # GB/s: read and write of float32
+                copy = copy_ms(case.numel, device, args.repeats, args.warmup)
+                copy_bandwidth = 2 * case.numel * 4 / copy / 1e6  # GB/s: read and write of float32
             for phase, tensors in traffic.items():
-                calls = {label: phases[phase] for label, phases in per_backend.items()}
+                calls = {label: phases[phase] for label, phases in case.phases.items()}
                 times = time_interleaved(calls, device, args.repeats, args.warmup)
                 for label, values in times.items():
                     backend, _, variant = label.partition("+")
                     ms = median(values)
-                    bandwidth = tensors * numel * 4 / ms / 1e6 if tensors else None
+                    bandwidth = tensors * case.numel * 4 / ms / 1e6 if tensors else None
                     of_copy = bandwidth / copy_bandwidth if tensors else None
-                    rows.append(dict(preset=preset, op=op, phase=phase, backend=backend, variant=variant or "default",
-                                     median_ms=ms, gb_per_s=bandwidth, fraction_of_copy=of_copy,
+                    rows.append(dict(preset=preset, op=case.label, phase=phase, backend=backend,
+                                     variant=variant or "default", median_ms=ms, gb_per_s=bandwidth,
+                                     fraction_of_copy=of_copy,
                                      speedup_over_torch=median(times["torch"]) / ms if "torch" in times else None))
             save()
 

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import mamlfast  # noqa: E402
-import meta_step  # noqa: E402
-from mamlfast.files import write_json  # noqa: E402
-from timing import device_name, versions  # noqa: E402
+import mamlfast
+from mamlfast.files import write_json
+from mamlfast.speed import Workload, peak_memory
+from mamlfast.timing import device_name, versions
 
 GIB = 2**30
 
@@ -47,11 +43,9 @@ def parse_args(argv=None):
 
 
 def measure(args, configuration: str, tasks: int, steps: int) -> int:
-    probe = meta_step.parse_args(["--preset", args.preset, "--variant", args.variant, "--epoch", str(args.epoch),
-                                  "--device", args.device, "--warmup", str(args.warmup), "--tasks", str(tasks),
-                                  f"--override=inner_steps={steps}", f"--override=eval_inner_steps={steps}"]
-                                 + (["--threads", str(args.threads)] if args.threads else []))
-    return meta_step.peak_memory(probe, configuration)
+    workload = Workload(args.preset, args.variant, args.epoch, tasks, dict(inner_steps=steps, eval_inner_steps=steps),
+                        args.device, args.warmup, args.threads)
+    return peak_memory(workload, configuration)
 
 
 def line(points: list[tuple[int, int]]) -> tuple[float, float]:

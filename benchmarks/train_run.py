@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -24,15 +23,13 @@ STARTED = time.perf_counter()
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import mamlfast  # noqa: E402
 from mamlfast.data import load_dataset  # noqa: E402
 from mamlfast.files import write_json  # noqa: E402
+from mamlfast.memory import peak_resident_bytes, reset_peak_resident, resident_bytes  # noqa: E402
 from mamlfast.schedules import msl_weights, query_steps, use_second_order  # noqa: E402
+from mamlfast.timing import device_name, versions  # noqa: E402
 from mamlfast.train import Trainer  # noqa: E402
-from memory import peak_resident_bytes, reset_peak_resident, resident_bytes  # noqa: E402
-from timing import device_name, versions  # noqa: E402
 
 
 def parse_args(argv=None):

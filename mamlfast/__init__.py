@@ -12,6 +12,7 @@ _old_torch = too_old("torch", torch.__version__, TORCH)
 if _old_torch:
     raise ImportError(f"{_old_torch}: install a newer torch (https://pytorch.org), then reinstall mamlfast")
 
+from . import learner_check  # noqa: F401  (adds one meta-iteration to every fused backend's self-check)
 from .config import PRESETS, MAMLConfig
 from .learner import MAMLPlusPlus
 from .tasks import MetaOutput, TaskBatch

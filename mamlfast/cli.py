@@ -1,4 +1,4 @@
-"""The ``mamlfast`` command: train, eval, info."""
+"""The ``mamlfast`` command: train, eval, info, check."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoints, config_file, distributed, ops, versions
+from . import __version__, check, checkpoints, config_file, distributed, ops, versions
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
 from .data import DATA_OPTIONS, DATASETS, infer_dataset, load_dataset
 from .data.omniglot import CLASS_SPLITS
@@ -109,8 +109,28 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--backend", choices=BACKENDS, default=None)
     evaluate.add_argument("--no-progress", action="store_true")
 
-    commands.add_parser("info", help="versions, devices, and which backends can run")
+    commands.add_parser("info", help="versions, devices, and which backends can run and agree with torch")
+    _add_check_command(commands)
     return parser
+
+
+def _add_check_command(commands) -> None:
+    check_command = commands.add_parser("check", help="whether mamlfast computes right, and how fast, on this machine")
+    check_command.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda where available)")
+    check_command.add_argument("--preset", choices=list(PRESETS), default=None,
+                               help="whose meta-iteration and shapes are timed (default: omniglot-20w1s on a GPU, "
+                                    "omniglot-5w1s on the CPU)")
+    check_command.add_argument("--backends", default=None, metavar="LIST",
+                               help=f"comma-separated, of {', '.join(check.BACKENDS)} (default: every one usable on "
+                                    "the device)")
+    check_command.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
+    check_command.add_argument("--repeats", type=_integer(1), default=10, help="timed repetitions of each op and "
+                                                                              "meta-iteration (default 10)")
+    check_command.add_argument("--tasks", type=_integer(1), default=None,
+                               help="meta-batch size of the timed meta-iterations (default: the preset's)")
+    check_command.add_argument("--no-memory", action="store_true",
+                               help="no peak memory (on the CPU, measured in a fresh process per backend)")
+    check_command.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_folder_options(train) -> None:
@@ -391,17 +411,39 @@ def run_info(_args) -> int:
     print(load_error() or "the extension mamlfast._C is loaded: CPU kernels, "
           + ("CUDA kernels" if cuda_kernels_error() is None else "no CUDA kernels"))
     for device in devices:
-        print(f"backends on {device}: auto -> {ops.resolve('auto', device)}")
-        for name, reason in ops.availability(device).items():
-            print(f"  {name:<7} {'usable' if reason is None else 'unusable: ' + reason}")
+        print("\n".join(_backend_lines(device)))
     return 0
+
+
+def _backend_lines(device: torch.device) -> list[str]:
+    """auto's choice on ``device``, and each backend: why it is unusable there, or its self-check's
+    verdict (float32), as this process or a record knows it: info checks nothing."""
+    choice = ops.backends.auto_by_known_verdicts(device, torch.float32)
+    unchecked = ops.self_check.known(choice, device, torch.float32) is None
+    lines = [f"backends on {device}: auto -> {choice}" + (" (once its check agrees)" if unchecked else "")]
+    for name, reason in ops.availability(device).items():
+        if reason is not None:
+            lines.append(f"  {name:<7} unusable: {reason}")
+        elif name == "torch":
+            lines.append(f"  {name:<7} usable: the reference of the others")
+        else:
+            found = ops.self_check.known(name, device, torch.float32)
+            lines.append(f"  {name:<7} usable, " + (found.describe() if found else
+                                                    "not checked here yet: it is before its first use "
+                                                    "(mamlfast check checks now)"))
+    return lines
+
+
+def run_check(args) -> int:
+    return check.run(_device(args.device), args.preset, args.backends, repeats=args.repeats, tasks=args.tasks,
+                     memory=not args.no_memory, progress=not args.no_progress, json_path=args.json)
 
 
 def _progress(description: str, enabled: bool):
     return lambda items: tqdm(items, desc=description, leave=False, disable=not enabled)
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "info": run_info}
+COMMANDS = {"train": run_train, "eval": run_eval, "info": run_info, "check": run_check}
 
 
 def main(argv: list[str] | None = None) -> int:

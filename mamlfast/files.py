@@ -33,6 +33,11 @@ _TEMPORARY = re.compile(r"\.[0-9a-f]{8}\.tmp$")
 _held_locks: dict[str, int] = {}  # folder -> how many nested folder_lock blocks hold it in this process
 
 
+def cache_dir() -> Path:
+    """mamlfast's cache folder: decoded data sets, self-check records (``MAMLFAST_CACHE``, else ~/.cache/mamlfast)."""
+    return Path(os.environ.get("MAMLFAST_CACHE", Path.home() / ".cache" / "mamlfast"))
+
+
 class FolderInUse(OSError):
     """Another process holds the lock of a folder."""
 

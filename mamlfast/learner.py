@@ -117,19 +117,19 @@ class MAMLPlusPlus(nn.Module):
         """Estimated memory that the graph of a second-order meta-forward of ``batch`` keeps
         without recomputation: the tensors autograd saves, counted in a dry run on the meta device
         (shapes only, no memory) of the backend that runs on ``batch``'s device."""
-        shadow = MAMLPlusPlus(self.cfg.replace(backend=self._traced_backend(batch.x_support.device), recompute=False))
+        shadow = MAMLPlusPlus(self.cfg.replace(backend=self._traced_backend(batch.x_support), recompute=False))
         shadow = shadow.to("meta", batch.x_support.dtype)
         meta_batch = TaskBatch(*(torch.empty_like(t, device="meta") for t in batch.tensors()))
         weights = [1.0] * self.cfg.inner_steps
         return recompute.saved_bytes(lambda: shadow.meta_forward(meta_batch, weights, query_steps, True))
 
-    def _traced_backend(self, device: torch.device) -> str:
-        """The backend whose dry run on the meta device saves what ``cfg.backend`` saves on ``device``.
+    def _traced_backend(self, x: torch.Tensor) -> str:
+        """The backend whose dry run on the meta device saves what ``cfg.backend`` saves on tensors like ``x``.
 
         Triton's autograd Functions are the cuda backend's, with other kernels; without the
         extension, the torch backend's dry run saves more than the fused backends, never less.
         """
-        running = ops.resolve(self.cfg.backend, device)
+        running = ops.resolve(self.cfg.backend, x.device, x.dtype)
         traced = "cuda" if running == "triton" else running
         return traced if ops.availability(torch.device("meta"))[traced] is None else "torch"
 

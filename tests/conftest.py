@@ -1,4 +1,3 @@
-import copy
 import os
 
 import numpy
@@ -11,6 +10,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mamlfast  # noqa: E402
+# shared with the self-check's meta-iteration, which checks what these tests check
+from mamlfast.learner_check import perturbed_learner, random_batch, relative_errors, with_backend  # noqa: E402, F401
 from mamlfast.versions import release  # noqa: E402
 
 
@@ -54,46 +55,6 @@ def usable(backend: str) -> str:
     return backend
 
 
-def random_batch(cfg: mamlfast.MAMLConfig, tasks: int, *, dtype=torch.float64, seed: int = 0,
-                 device: str = "cpu") -> mamlfast.TaskBatch:
-    """B tasks of Gaussian images; labels 0..N-1 in a different shuffled order per task."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def split(per_class):
-        x = torch.randn(tasks, cfg.n_way * per_class, cfg.image_channels, cfg.image_size, cfg.image_size,
-                        generator=generator, dtype=dtype)
-        y = torch.stack([torch.randperm(cfg.n_way, generator=generator).repeat_interleave(per_class)
-                         for _ in range(tasks)])
-        return x.to(device), y.to(device)
-
-    return mamlfast.TaskBatch(*split(cfg.k_shot), *split(cfg.k_query))
-
-
-def perturbed_learner(cfg: mamlfast.MAMLConfig, *, seed: int = 0, dtype=torch.float64) -> mamlfast.MAMLPlusPlus:
-    """A learner whose every parameter and running statistic is moved off its initial value.
-
-    Zero biases, unit BN weights, zero running means and equal learning rates hide bugs.
-    """
-    torch.manual_seed(seed)
-    learner = mamlfast.MAMLPlusPlus(cfg).to(dtype)
-    with torch.no_grad():
-        for name, p in learner.named_parameters():
-            p.add_(torch.randn_like(p) * (0.02 if name.startswith("inner_lrs") else 0.2))
-        for name, b in learner.named_buffers():
-            if name.endswith("running_mean"):
-                b.add_(torch.randn_like(b) * 0.1)
-            elif name.endswith("running_var"):
-                b.mul_(torch.rand_like(b) + 0.5)
-    return learner
-
-
-def with_backend(learner: mamlfast.MAMLPlusPlus, backend: str) -> mamlfast.MAMLPlusPlus:
-    """An independent copy of ``learner`` that runs on ``backend``."""
-    clone = copy.deepcopy(learner)
-    clone.cfg = learner.cfg.replace(backend=backend)
-    return clone
-
-
 def meta_iteration(learner: mamlfast.MAMLPlusPlus, batch: mamlfast.TaskBatch, epoch: int):
     """One meta-forward and outer backward: its output, the meta-gradients and the running statistics."""
     out = learner(batch, epoch)
@@ -103,13 +64,13 @@ def meta_iteration(learner: mamlfast.MAMLPlusPlus, batch: mamlfast.TaskBatch, ep
     return out, grads, buffers
 
 
-def relative_errors(expected: dict, actual: dict, floor: float = 1e-6) -> dict:
-    """max|a - e| / max|e| per tensor, where max|e| is at least ``floor`` times the largest value
-    of all tensors: some tensors are zero in exact arithmetic (conv biases feed batch norm, which
-    removes any per-channel constant, so their meta-gradients are rounding noise around zero)."""
-    scale = max(t.abs().max().item() for t in expected.values())
-    return {name: (actual[name] - e).abs().max().item() / max(e.abs().max().item(), floor * scale)
-            for name, e in expected.items()}
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory):
+    """The tests' own cache folder, never the user's: the fused backends' self-checks are recorded
+    there once per session (and read by the processes the tests start), tests of data make their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAMLFAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture

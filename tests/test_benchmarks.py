@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_summary  # noqa: E402
 import kernels  # noqa: E402
 import meta_step  # noqa: E402
-from func_peer import FuncMAMLPlusPlus  # noqa: E402
+import mamlfast  # noqa: E402
+from mamlfast import speed  # noqa: E402
+from mamlfast.func_peer import FuncMAMLPlusPlus  # noqa: E402
 
 TINY = ["--preset", "omniglot-5w1s", "--tasks", "2", "--override", "image_size=16", "--override", "num_filters=4",
         "--repeats", "2", "--warmup", "1", "--no-memory", "--threads", "1"]
@@ -75,11 +77,11 @@ def test_meta_step_reports_failures_as_error_rows(tmp_path):
 
 
 def test_meta_step_keeps_what_it_measured_when_interrupted(monkeypatch):
-    def interrupted_timing(functions, device, repeats, warmup, *, errors, times):
+    def interrupted_timing(functions, device, repeats, warmup, *, errors, times, after_each):
         times.update({name: [10.0] for name in functions if name != "torch"})
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(meta_step, "time_interleaved", interrupted_timing)
+    monkeypatch.setattr(speed, "time_interleaved", interrupted_timing)
     result = meta_step.main(TINY + ["--backends", "torch"])
     assert result["interrupted"] and meta_step.failed(result)
     rows = {row["backend"]: row for row in result["rows"]}
@@ -87,7 +89,7 @@ def test_meta_step_keeps_what_it_measured_when_interrupted(monkeypatch):
     assert rows["torch"]["error"] == "interrupted before it was timed"
 
 
-STEPS = ["build", "info", "meta_step-omniglot-20w1s", "graphs-bitwise", "tests", "kernels", "more-tests",
+STEPS = ["build", "check", "info", "meta_step-omniglot-20w1s", "graphs-bitwise", "tests", "kernels", "more-tests",
          "profile-omniglot-20w1s", "meta_step-omniglot-5w1s", "meta_step-mini-imagenet-5w1s", "sanitizer"]
 
 
@@ -115,10 +117,14 @@ def test_kernels_writes_rows_as_it_goes_and_keeps_them_when_interrupted(tmp_path
 
 
 def test_kernels_times_the_batch_norm_variants_of_the_cuda_and_triton_backends():
-    assert kernels.batch_norm_configurations(["torch", "cpp", "triton", "cuda"], ["default", "overlapped"]) == {
-        "torch": ("torch", "default"), "cpp": ("cpp", "default"), "triton": ("triton", "default"),
-        "cuda": ("cuda", "default"), "triton+overlapped": ("triton", "overlapped"),
-        "cuda+overlapped": ("cuda", "overlapped")}
+    """Batch norm's other kernel variants beside the default, on triton (here in its interpreter) and not on
+    cpp, which has one; the other ops in their backends' only form."""
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", image_size=8, num_filters=2, meta_batch_size=2, num_stages=2)
+    cases = speed.op_cases(cfg, ["torch", "cpp", "triton"], torch.device("cpu"), ("default", "overlapped"))
+    labels = {case.kind: sorted(case.phases) for case in cases}
+    assert labels["batch norm"] == ["cpp", "torch", "triton", "triton+overlapped"]
+    assert labels["lslr update"] == ["cpp", "torch", "triton"] and labels["max pool"] == ["cpp", "torch"]
+    assert not any(case.errors for case in cases)
 
 
 def test_gpu_summary_names_the_failures_of_a_pytest_cut_short(tmp_path):
@@ -159,6 +165,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert [(row["backend"], row["recompute"], row["error"]) for row in run["rows"]] == [
             ("loop", False, None), ("func", False, None), ("torch", False, None), ("auto", False, None),
             ("torch", True, None)]
+    assert summary["check"]["ok"] and summary["check"]["meta_iteration"]["rows"]
     assert summary["profiles"][0]["profiles"]["auto"]["ops"]
     assert summary["kernels"]["rows"]
 

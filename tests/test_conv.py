@@ -3,6 +3,8 @@ derivatives of the first three orders (the cpp backend's own second derivative i
 sizes, without a bias, with inputs that need no gradient and with upstream gradients that are
 missing; gradcheck and gradgradcheck in float64."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from conftest import device_of, usable
 from mamlfast import ops
+from mamlfast.ops.comparison import OP_TOLERANCES
 
 # (N, groups, C_in, C_out, H, W, kernel, padding): like the backbone's first stage and a later one
 # (a 3x3 kernel, padding 1), then odd sizes, no padding, a 1x1 kernel
@@ -55,7 +58,7 @@ def _derivatives(conv, x, weight, bias, seed=1):
 
 
 def _assert_close(expected, actual, dtype):
-    tolerance = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    tolerance = asdict(OP_TOLERANCES[dtype])
     assert len(expected) == len(actual)
     for e, a in zip(expected, actual):
         assert (e is None) == (a is None)

@@ -6,8 +6,9 @@ import torch
 
 import mamlfast
 from conftest import meta_iteration, perturbed_learner, random_batch, relative_errors, with_backend
+from mamlfast.learner_check import LEARNER_TOLERANCES
 
-TOLERANCE = 1e-6
+TOLERANCE = LEARNER_TOLERANCES[torch.float64][0]
 
 CASES = {
     # name: (preset, variant, overrides, epoch)

@@ -8,6 +8,7 @@ compiled, on CUDA tensors.
 """
 
 import functools
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from torch.autograd import gradcheck, gradgradcheck
 import mamlfast
 from conftest import DEVICE, device_of, perturbed_learner, random_batch, relative_errors, usable, with_backend
 from mamlfast import ops
+from mamlfast.learner_check import LEARNER_TOLERANCES
 from mamlfast.ops.batch_norm import KERNEL_VARIANTS
+from mamlfast.ops.comparison import OP_TOLERANCES
 
 
 @pytest.fixture(params=["cpp", "triton", "cuda"])
@@ -58,7 +61,7 @@ def test_batch_norm_matches_torch_to_second_order(backend, shape):
     inputs = _inputs(shape, torch.float64, device=device_of(backend))
     for name, fused, reference in zip(["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"],
                                       _derivatives(backend, *inputs), _derivatives("torch", *inputs)):
-        torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-9, msg=name)
+        torch.testing.assert_close(fused, reference, **asdict(OP_TOLERANCES[torch.float64]), msg=name)
 
 
 def test_batch_norm_float32_and_running_statistics(backend):
@@ -83,7 +86,7 @@ def test_batch_norm_kernel_variants_match_torch_to_second_order(backend, variant
     fused = functools.partial(ops.task_batch_norm, backend=backend, kernel_variant=variant)
     for name, a, e in zip(["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"],
                           _derivatives(fused, *inputs), _derivatives("torch", *inputs), strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=name)
+        torch.testing.assert_close(a, e, **asdict(OP_TOLERANCES[torch.float64]), msg=name)
 
 
 def test_float64_eps_is_not_rounded_to_float32(backend):
@@ -123,7 +126,7 @@ def test_lslr_update_matches_torch_and_passes_gradcheck(backend):
         second = torch.autograd.grad(first[1].square().sum() + first[2].square().sum(), inputs[1:])
         results[name] = [out, *first, *second]
     for fused, reference in zip(results[backend], results["torch"]):
-        torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fused, reference, **asdict(OP_TOLERANCES[torch.float64]))
 
     small = ops.segment_ids_for([2, 3, 1]).to(device)
     inputs = [torch.randn(shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
@@ -143,16 +146,16 @@ LEARNER_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype, tolerance, floor", [(torch.float64, 1e-6, 1e-6), (torch.float32, 1e-4, 1e-2)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("case", list(LEARNER_CASES))
-def test_learner_on_fused_backend_matches_the_reference(backend, case, dtype, tolerance, floor):
+def test_learner_on_fused_backend_matches_the_reference(backend, case, dtype):
     """float32: the paths sum in different orders, and float32 rounding (6e-8 per op) over
     the few hundred ops of two chained second-order steps leaves about 1e-6 relative error in
     the meta-gradients (the torch path shows the same against the reference, up to 4e-6), and
     noise of about 2e-7 of the largest gradient in those that are zero in exact arithmetic.
     Tolerance 1e-4, with tensors below 1% of the largest gradient compared at that 1%, leaves
     a margin of 25 or more while a wrong formula errs by order one; float64 checks to 1e-6."""
+    tolerance, floor = LEARNER_TOLERANCES[dtype]
     variant, overrides, epoch = LEARNER_CASES[case]
     cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", variant, image_size=16, num_filters=3, inner_steps=2,
                                      eval_inner_steps=2, **overrides)

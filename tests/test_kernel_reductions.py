@@ -7,6 +7,7 @@ per block, while the grid has fewer than 2 blocks per multiprocessor).
 """
 
 import functools
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from conftest import DEVICE, perturbed_learner, random_batch, with_backend
 from mamlfast import ops
 from mamlfast.ops import batch_norm_triton
+from mamlfast.ops.comparison import OP_TOLERANCES
 from test_fused_backends import _derivatives, _inputs
 
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
@@ -48,7 +50,7 @@ SPLIT_CASES = ([("triton", shape, True) for shape in [(3, 2, 1, 5), (7, 1, 1, 3)
 
 @pytest.mark.parametrize("backend, shape, forced", SPLIT_CASES, ids=_case_id)
 def test_batch_norm_over_split_groups_matches_torch_to_second_order(backend, shape, forced, monkeypatch):
-    _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, torch.float64, 1e-9)
+    _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, torch.float64)
 
 
 @pytest.mark.parametrize("backend, shape, forced", [("triton", (2, 1, 3, 4), True), ("cuda", (9, 1, 3, 28), False),
@@ -56,10 +58,10 @@ def test_batch_norm_over_split_groups_matches_torch_to_second_order(backend, sha
                          ids=_case_id)
 def test_batch_norm_float32_runs_over_split_groups(backend, shape, forced, monkeypatch):
     """float32 loads runs of 4 values (16 bytes) where HW allows."""
-    _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, torch.float32, 1e-4)
+    _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, torch.float32)
 
 
-def _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, dtype, tolerance):
+def _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, dtype):
     """Values, first and second derivatives of ``backend``'s batch norm against torch's."""
     _require(backend)
     if forced:
@@ -67,7 +69,7 @@ def _assert_split_groups_match_torch(backend, shape, forced, monkeypatch, dtype,
     inputs = _inputs(shape, dtype)
     names = ["out", "dx", "dweight", "dbias", "ddx", "ddweight", "ddbias"]
     for name, fused, reference in zip(names, _derivatives(backend, *inputs), _derivatives("torch", *inputs)):
-        torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance, msg=name)
+        torch.testing.assert_close(fused, reference, **asdict(OP_TOLERANCES[dtype]), msg=name)
 
 
 def test_triton_variants_split_groups_over_more_programs_per_multiprocessor(monkeypatch):
@@ -149,7 +151,7 @@ def test_lslr_update_with_segment_ids_in_any_order(backend, order, index_dtype):
     _require(backend)
     case = _segment_case(1500, 5, order=order, index_dtype=index_dtype)
     for fused, reference in zip(_lslr_derivatives(backend, *case), _lslr_derivatives("torch", *case)):
-        torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fused, reference, **asdict(OP_TOLERANCES[torch.float64]))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -13,6 +13,7 @@ from conftest import (DEVICE, device_of, meta_iteration, perturbed_learner, rand
 from mamlfast import checkpoints, ops, recompute
 from mamlfast.cli import build_parser
 from mamlfast.learner import MAMLPlusPlus
+from mamlfast.learner_check import LEARNER_TOLERANCES
 from mamlfast.step import MetaStep, make_optimizer
 
 CASES = {
@@ -95,10 +96,6 @@ def test_recompute_is_bitwise_the_path_without_it(case, dtype, monkeypatch, repr
     _assert_bitwise((out, grads, buffers), expected)
 
 
-def _reference_tolerance(dtype):
-    return (1e-6, 1e-6) if dtype == torch.float64 else (1e-4, 1e-2)  # as in test_fused_backends
-
-
 @pytest.fixture(params=ops.OP_BACKENDS)
 def op_backend(request):
     reason = ops.availability(torch.device(DEVICE))[request.param]
@@ -120,7 +117,7 @@ def test_recompute_on_every_backend_matches_the_reference(op_backend, variant, d
                                      inner_steps=2, eval_inner_steps=2, first_order_epochs=0)
     learner = perturbed_learner(cfg, dtype=dtype).to(DEVICE)
     batch = random_batch(cfg, 2, dtype=dtype, device=DEVICE)
-    tolerance, floor = _reference_tolerance(dtype)
+    tolerance, floor = LEARNER_TOLERANCES[dtype]
     ref_out, ref_grads, ref_buffers = meta_iteration(with_backend(learner, "loop"), batch, 1)
     plain = meta_iteration(with_backend(learner, op_backend), batch, 1)
     out, grads, buffers = meta_iteration(_recomputing(with_backend(learner, op_backend)), batch, 1)

@@ -45,7 +45,7 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 import torch
 
-from ..files import atomic_open, first_line, remove_temporaries, waiting_lock
+from ..files import atomic_open, cache_dir, first_line, remove_temporaries, waiting_lock
 from .images import ClassImages, ImageSource
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ MAGIC = b"mamlfast-images 1\n"
 CHUNK_BYTES = 64 * 2**20
 BLOCK_IMAGES = 256  # images written at a time
 SUFFIX = ".images"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MAMLFAST_CACHE", Path.home() / ".cache" / "mamlfast"))
 
 
 def fingerprint(paths: Iterable[str | os.PathLike]) -> list:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import atomic_open, folder_lock, remove_temporaries
-from .cache import cache_dir
+from ..files import atomic_open, cache_dir, folder_lock, remove_temporaries
 from .images import DatasetError
 from .omniglot import PARTS
 

@@ -8,16 +8,21 @@ import os
 import torch
 
 from ..versions import TRITON, too_old
+from . import self_check
 
 OP_BACKENDS = ("torch", "cpp", "triton", "cuda")
 
-# auto's choice, fastest first, per device type: the compiled kernels where they can run
-# (benchmarks/RESULTS.md has the measurements), else the pure PyTorch path
-AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# auto's choice, fastest first, per device type: the compiled kernels where they can run and agree
+# with the torch backend (benchmarks/RESULTS.md has the measurements), else the pure PyTorch path
+AUTO_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name where it cannot run."""
+
+
+class BackendDisagrees(BackendUnavailable):
+    """A backend was asked for by name where its self-check found it disagrees with the torch backend."""
 
 
 def interpreting_triton() -> bool:
@@ -75,15 +80,45 @@ def _meta_reason(backend: str) -> str | None:
     return load_error()
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The op backend that runs for ``backend`` on ``device``: ``auto`` takes the fastest usable."""
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The op backend that runs for ``backend`` on ``device`` with tensors of ``dtype`` (default:
+    torch's default dtype): ``auto`` takes the fastest usable one that agrees with the torch backend
+    there, a named one must be usable and agree. A fused backend's first use on a device and dtype
+    checks it (``self_check``)."""
+    dtype = dtype or torch.get_default_dtype()
     if backend == "auto":
-        preference = AUTO_PREFERENCE.get(device.type, ("torch",))
-        return next(name for name in preference if unavailable_reason(name, device) is None)
+        return _auto(device, dtype)
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
+    found = self_check.verdict(backend, device, dtype)
+    if not found.agrees:
+        raise BackendDisagrees(f"{found.problem()} (its self-check; backend='auto' passes it over)")
     return backend
+
+
+def _auto(device: torch.device, dtype: torch.dtype, verdict_of=None) -> str:
+    """The first usable backend of auto's preference that agrees with the torch backend, else torch;
+    each passed over for its disagreement is named in a warning, once per process. ``verdict_of``
+    (default ``self_check.verdict``) may leave a backend unjudged (None): it counts as agreeing."""
+    passed_over = []
+    for name in AUTO_PREFERENCE.get(device.type, ()):
+        if unavailable_reason(name, device) is None:
+            found = (verdict_of or self_check.verdict)(name, device, dtype)
+            if found is None or found.agrees:
+                break
+            passed_over.append(found)
+    else:
+        name = "torch"
+    for found in passed_over:
+        self_check.warn_fallback(found, name)
+    return name
+
+
+def auto_by_known_verdicts(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """What ``auto`` takes by the verdicts found so far (this process's, the records), checking
+    nothing: a backend that has yet to be checked counts as agreeing."""
+    return _auto(device, dtype or torch.get_default_dtype(), self_check.known)
 
 
 def availability(device: torch.device) -> dict[str, str | None]:

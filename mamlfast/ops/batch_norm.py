@@ -46,7 +46,7 @@ def task_batch_norm(
     _check_arguments(x, weight, bias, running_mean, running_var, training)
     if kernel_variant not in KERNEL_VARIANTS:
         raise ValueError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)}, got {kernel_variant!r}")
-    implementation = _IMPLEMENTATIONS[resolve(backend, x.device)]
+    implementation = _IMPLEMENTATIONS[resolve(backend, x.device, x.dtype)]
     return implementation(x, weight, bias, running_mean, running_var, training, momentum, eps, kernel_variant)
 
 
@@ -175,3 +175,5 @@ _IMPLEMENTATIONS = {
     "cuda": _with_kernels("extension"),
     "cpp": _with_kernels("extension"),
 }
+# the backends with kernels of their own for this op
+FUSED_BACKENDS = tuple(name for name in _IMPLEMENTATIONS if name != "torch")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .backends import resolve
 
 aten = torch.ops.aten
+FUSED_BACKENDS = ("cpp",)  # the backends with code of their own for this op
 
 
 def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, padding: int, groups: int,
@@ -27,7 +28,7 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     x [N, G*C_in, H, W], weight [G*C_out, C_in, k, k], bias [G*C_out] or None.
     """
-    if resolve(backend, x.device) == "cpp":
+    if resolve(backend, x.device, x.dtype) in FUSED_BACKENDS:
         return _Conv2d.apply(x, weight, bias, padding, groups)
     return F.conv2d(x, weight, bias, padding=padding, groups=groups)
 

@@ -28,7 +28,7 @@ def lslr_update(
 ) -> torch.Tensor:
     """One gradient step of ``params`` [B, P] with a learning rate per parameter tensor."""
     _check_arguments(params, grads, lrs, segment_ids)
-    implementation = _IMPLEMENTATIONS[resolve(backend, params.device)]
+    implementation = _IMPLEMENTATIONS[resolve(backend, params.device, params.dtype)]
     return implementation(params, grads, lrs, segment_ids)
 
 
@@ -116,3 +116,5 @@ _IMPLEMENTATIONS = {
     "cuda": _with_kernels("extension"),
     "cpp": _with_kernels("extension"),
 }
+# the backends with kernels of their own for this op
+FUSED_BACKENDS = tuple(name for name in _IMPLEMENTATIONS if name != "torch")

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 
 from .backends import resolve
 
+FUSED_BACKENDS = ("cpp",)  # the backends with kernels of their own for this op
+
 
 def max_pool2x2(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """The maximum of each 2x2 window of ``x`` [N, C, H, W], windows at stride 2 (floor mode)."""
     if x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2 or not x.is_floating_point():
         raise ValueError(f"max_pool2x2 expects a floating-point x of shape [N, C, H, W] with H, W >= 2, "
                          f"got {x.dtype} {tuple(x.shape)}")
-    if resolve(backend, x.device) == "cpp":
+    if resolve(backend, x.device, x.dtype) in FUSED_BACKENDS:
         return _MaxPool2x2.apply(x.contiguous())
     return F.max_pool2d(x, 2)
 

@@ -1,4 +1,5 @@
-"""Shared measurement helpers: interleaved repetitions, medians, device names, versions."""
+"""Measurement helpers of ``mamlfast check`` and the benchmarks: interleaved repetitions, medians, device names,
+versions."""
 
 from __future__ import annotations
 
@@ -15,18 +16,27 @@ import torch
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return f"{processor_name()} CPU, {os.cpu_count()} cores"
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux), else what the platform says, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def time_interleaved(functions: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
-                     *, errors: dict[str, str] | None = None,
-                     times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                     *, errors: dict[str, str] | None = None, times: dict[str, list[float]] | None = None,
+                     after_each: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """Milliseconds of each call, the functions taking turns so that noise hits all alike.
 
     GPU time is read from CUDA events around each call. With ``errors``, a function that raises
     is dropped, its error recorded there in one line (the traceback goes to stderr), and the
     others go on. ``times``, if given, is filled as the calls happen, so that an interrupted run
-    keeps what it measured.
+    keeps what it measured. ``after_each(name)`` is called after each timed call (a progress bar).
     """
     times = {} if times is None else times
     running = dict(functions)
@@ -52,6 +62,8 @@ def time_interleaved(functions: dict[str, Callable[[], object]], device: torch.d
     for _ in range(repeats):
         for name in list(running):
             attempt(name, timed=True)
+            if after_each:
+                after_each(name)
     return times
 
 
