@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import random
+import threading
 from pathlib import Path
 
 import torch
@@ -34,6 +35,62 @@ def save(path: str | os.PathLike, payload: dict) -> None:
     payload["sha256"] = checksum(payload)
     with atomic_open(path, "wb") as handle:
         torch.save(payload, handle)
+
+
+class BackgroundWriter:
+    """Writes checkpoints one at a time on a thread, each from a copy on the host of the payload
+    taken when it is handed over, so that training goes on while it is written. A write's error
+    is raised by the next call, or on leaving the writer's block; leaving the block waits for the
+    write in flight."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, path: str | os.PathLike, payload: dict) -> None:
+        """Start writing ``payload`` to ``path``, after the write in flight."""
+        self.wait()
+        copy = _host_copy(payload)
+        self._thread = threading.Thread(target=self._write, args=(path, copy), name="checkpoint writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _write(self, path, payload: dict) -> None:
+        try:
+            save(path, payload)
+        except BaseException as error:  # raised in the training thread, by the next call
+            self._error = error
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.wait()
+        elif self._thread is not None:  # another error is on its way: it is the one to report
+            self._thread.join()
+            self._thread, self._error = None, None
+
+
+def _host_copy(value):
+    """``value`` with every tensor copied to the host, and every dict and list copied: what training
+    changes later leaves the copy as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(item) for item in value)
+    return value
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -98,7 +155,8 @@ def _run_problem(run) -> str | None:
             return f"its run's {key} is {_kind(run.get(key))}"
     # absent before runs recorded them
     return _integer_problem("run's keep", run.get("keep", 0), 0) or \
-        _integer_problem("run's log_every", run.get("log_every", 1), 1)
+        _integer_problem("run's log_every", run.get("log_every", 1), 1) or \
+        _integer_problem("run's checkpoint_every", run.get("checkpoint_every", 0), 0)
 
 
 def _history_problem(history, epochs: int) -> str | None:

@@ -22,13 +22,13 @@ from .data import DATA_OPTIONS, DATASETS, infer_dataset, load_dataset
 from .data.omniglot import CLASS_SPLITS
 from .data.download import default_omniglot_root, download_omniglot
 from .files import first_line, shown
-from .train import FixedTasks, Trainer, TrainingDiverged, TrainingInterrupted, check_fresh_folder, eval_chunk, \
-    mean_and_ci95
+from .train import CHECKPOINT_EVERY, FixedTasks, Trainer, TrainingDiverged, TrainingInterrupted, check_fresh_folder, \
+    eval_chunk, mean_and_ci95
 
 DEFAULT_PRESET = "omniglot-5w1s"
 MAX_SECONDS = 365 * 24 * 3600
 # the options of a run besides its config and its data, and their defaults
-RUN_DEFAULTS = dict(keep=5, log_every=10)
+RUN_DEFAULTS = dict(keep=5, log_every=10, checkpoint_every=CHECKPOINT_EVERY)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +74,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     train.add_argument("--download", action="store_true",
                        help="fetch Omniglot's two zips into --data-root first, checking their MD5 sums")
     train.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<preset>-<variant>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its latest checkpoint, or start it if --out holds no run "
+                            "yet: one command line for a job's first start and every restart")
     train.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
     train.add_argument("--keep", type=_integer(0), default=None,
                        help=f"best checkpoints kept, and the test ensemble's size (0: keep none, test the final model; "
@@ -82,6 +84,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     train.add_argument("--log-every", type=_integer(1), default=None,
                        help=f"iterations between metrics records (default {RUN_DEFAULTS['log_every']}; on --resume, "
                             f"the run's)")
+    train.add_argument("--checkpoint-every", type=_integer(0), default=None, metavar="N",
+                       help=f"also write checkpoints/latest.pt every N iterations within an epoch, so that a killed "
+                            f"or preempted run loses at most N (0: at epoch ends only; default "
+                            f"{RUN_DEFAULTS['checkpoint_every']}; on --resume, the run's)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--stop-at", type=_integer(0), default=None, metavar="ITERATION",
                        help="stop at this iteration as on Ctrl-C (checkpoint; continue with --resume)")
@@ -204,18 +210,19 @@ def run_train(args) -> int:
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
     given = dict(_given(args, ("dataset", *RUN_DEFAULTS)), data_options=_given(args, DATA_OPTIONS),
                  **({"data_root": data_root} if data_root else {}))
-    dataset_name = args.dataset or ("omniglot" if args.download else
-                                    infer_dataset(data_root, args.split_file) if data_root and not args.resume
-                                    else "synthetic")
-    out = Path(args.out or f"runs/{dataset_name}-{preset}-{variant}")
+    out = Path(args.out or f"runs/{_dataset_named(args, data_root)}-{preset}-{variant}")
     latest = out / "checkpoints" / "latest.pt"
-    if args.resume:
+    resuming = args.resume and latest.exists()
+    if resuming:
         saved = checkpoints.load(latest)
         cfg, run = _resumed(saved, latest, args, given)
     else:
         check_fresh_folder(out)  # checked again once the folder is locked; here before the data loads
         cfg = MAMLConfig.preset(preset, variant, **_field_overrides(args))
-        run = {"dataset": dataset_name, "data_root": None, **RUN_DEFAULTS, **given}
+        run = {"dataset": _dataset_named(args, data_root), "data_root": None, **RUN_DEFAULTS, **given}
+    if args.resume and _is_rank_0():
+        print(f"mamlfast: resuming the run in {out} at iteration {saved['iteration']}" if resuming else
+              f"mamlfast: {out} holds no run yet: starting one")
     dataset_name, data_root, data_options = run["dataset"], run["data_root"], run["data_options"]
     ranks = distributed.from_environment(cfg.meta_batch_size, args.dist_timeout)
     device = _device(args.device, ranks)
@@ -227,15 +234,15 @@ def run_train(args) -> int:
             _download(dataset_name, data_root, ranks, progress)
         dataset = load_dataset(dataset_name, cfg, data_root, progress=_progress("decoding classes", progress),
                                **data_options)
-        trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, keep=run["keep"],
-                          log_every=run["log_every"], progress=progress, ranks=ranks)
-        if args.resume:
+        trainer = Trainer(cfg, dataset, out, device=device, data_root=data_root, progress=progress, ranks=ranks,
+                          **{name: run[name] for name in RUN_DEFAULTS})
+        if resuming:
             trainer.resume(saved)
         say = print if ranks.is_main else (lambda *_: None)
         with trainer.own_folder():
             if ranks.is_main:
                 config_file.write(out / "config.json", config_file.run_options(
-                    cfg, dataset_name, data_root, dataset.options, run["keep"], run["log_every"]))
+                    cfg, dataset_name, data_root, dataset.options, **{name: run[name] for name in RUN_DEFAULTS}))
             say(f"mamlfast {__version__}: {dataset_name}, {cfg.n_way}-way {cfg.k_shot}-shot, "
                 f"{cfg.epochs} epochs x {cfg.iters_per_epoch} iterations on {device}"
                 f"{f' and {ranks.world - 1} more ranks' if ranks.world > 1 else ''}; writing to {out}")
@@ -245,6 +252,18 @@ def run_train(args) -> int:
     ranks.barrier()  # no rank leaves the process group while another still uses it
     say(_test_line(summary))
     return 0
+
+
+def _dataset_named(args, data_root: str | None) -> str:
+    """The data set that the command line names, or that its --data-root holds (synthetic: none)."""
+    if args.dataset or args.download:
+        return args.dataset or "omniglot"
+    return infer_dataset(data_root, args.split_file) if data_root else "synthetic"
+
+
+def _is_rank_0() -> bool:
+    """Whether this process is the first rank (or the only one): under torchrun, all ranks speak alike."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _given(args, names) -> dict:
@@ -295,7 +314,7 @@ def _with_config_file(args, argv: list[str] | None):
             raise ValueError("--reference-quirks applies to a reference experiment config: give it with --config")
         return args
     loaded = config_file.read(args.config, args.reference_quirks)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank_0():
         for note in loaded.notes:
             print(f"mamlfast: {note}")
     return build_parser(loaded.options).parse_args(argv)
@@ -494,7 +513,7 @@ def _memory_for(cfg: MAMLConfig, device: torch.device):
 
 def _tell_once(message: str) -> None:
     """Print ``message`` on rank 0 only: under torchrun every rank stops alike."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank_0():
         print(message, file=sys.stderr)
 
 

@@ -2,7 +2,7 @@
 
 A mamlfast config file is a JSON object of ``mamlfast train`` options by name: every
 ``MAMLConfig`` field, and ``preset``, ``variant``, ``dataset``, ``data_root``, ``keep``,
-``log_every`` and the data options ``class_split``, ``split_seed``, ``split_fractions``,
+``log_every``, ``checkpoint_every`` and the data options ``class_split``, ``split_seed``, ``split_fractions``,
 ``pixels``, ``split_file``, ``image_mean`` and ``image_std``. Each run writes its complete
 ``config.json`` to its output folder, so that ``mamlfast train --config runs/x/config.json
 --out runs/y`` repeats it. A file of the reference
@@ -25,8 +25,8 @@ from .files import shown, write_json
 # option -> its JSON type; the MAMLConfig fields are typed by the dataclass
 RUN_OPTIONS = {
     "preset": "str", "variant": "str", "dataset": "str", "data_root": "str | None", "keep": "int",
-    "log_every": "int", "class_split": "str", "split_seed": "int", "split_fractions": "list", "pixels": "str",
-    "split_file": "str", "image_mean": "list", "image_std": "list",
+    "log_every": "int", "checkpoint_every": "int", "class_split": "str", "split_seed": "int",
+    "split_fractions": "list", "pixels": "str", "split_file": "str", "image_mean": "list", "image_std": "list",
 }
 OPTIONS = {**RUN_OPTIONS, **{f.name: f.type for f in dataclasses.fields(MAMLConfig)}}
 
@@ -55,11 +55,12 @@ def read(path: str | Path, reference_quirks: bool = False) -> ConfigFile:
         raise ValueError(f"{path}: {error}") from None
 
 
-def run_options(cfg: MAMLConfig, dataset: str, data_root: str | Path | None, data_options: dict, keep: int,
-                log_every: int) -> dict[str, Any]:
-    """The complete options of a run, as its ``config.json`` holds them."""
+def run_options(cfg: MAMLConfig, dataset: str, data_root: str | Path | None, data_options: dict,
+                **settings: int) -> dict[str, Any]:
+    """The complete options of a run, as its ``config.json`` holds them; ``settings``: keep, log_every
+    and checkpoint_every."""
     root = str(Path(data_root).resolve()) if data_root is not None else None
-    return dict(dataset=dataset, data_root=root, **data_options, keep=keep, log_every=log_every, **cfg.to_dict())
+    return dict(dataset=dataset, data_root=root, **data_options, **settings, **cfg.to_dict())
 
 
 def write(path: str | Path, options: dict[str, Any]) -> None:

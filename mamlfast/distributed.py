@@ -129,8 +129,20 @@ def from_environment(meta_batch_size: int, timeout_seconds: float) -> Ranks:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    dist.init_process_group(backend, timeout=timeout, **_store_of_this_attempt(rank, world, timeout))
     return Ranks(rank, world, local_rank)
+
+
+def _store_of_this_attempt(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, the store through which the ranks find each other, its keys set apart by the
+    restart (torchrun keeps one store for all of them, and a restarted rank that read a dead rank's
+    address from an earlier attempt would fail to connect); else nothing: the environment's."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dict(store=dist.PrefixStore(f"mamlfast/attempt-{attempt}", store), rank=rank, world_size=world)
 
 
 def shutdown() -> None:

@@ -5,12 +5,15 @@ Output folder:
                     seconds) and one per validation (iteration, epoch, val_accuracy, val_ci95, seconds)
     summary.json    best validation accuracy, test accuracy of the best model and of the
                     top-k ensemble with 95% intervals, and the config
-    checkpoints/    latest.pt, and epoch-NNN.pt for the k best epochs by validation accuracy
+    checkpoints/    latest.pt (from the run's start on, at every epoch's end and every
+                    ``checkpoint_every`` iterations), and epoch-NNN.pt for the k best epochs by
+                    validation accuracy
     curves.png      training loss and accuracy, validation accuracy, against iterations
     .lock           held by the run writing there (see ``files.folder_lock``)
 
 A run owns its folder: it locks it while it writes, a new run refuses a folder that holds another
-run's files, and a resumed run first drops what was logged after its checkpoint.
+run's files, and a resumed run first drops what was logged after its checkpoint. A run writes
+latest.pt before anything else, so that a restarted job finds a run to resume from its start on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import random
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -40,6 +43,12 @@ from .step import MetaStep, make_optimizer, match_optimizer_to_device
 log = logging.getLogger(__name__)
 # What a run writes to its folder besides checkpoints/: a new run never writes among another's.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "tensorboard")
+# Meta-iterations between checkpoints within an epoch: a preempted or killed run loses at most this
+# many (a fifth of the paper's 500-iteration epoch). A checkpoint stalls training only while the
+# state is copied to the host; the file is written on a thread meanwhile, off the critical path,
+# which matters where a meta-iteration takes milliseconds (see benchmarks/RESULTS.md, "Checkpoints
+# within an epoch").
+CHECKPOINT_EVERY = 100
 
 
 class TrainingInterrupted(Exception):
@@ -126,18 +135,21 @@ class Trainer:
 
     def __init__(self, cfg: MAMLConfig, dataset: FewShotDataset, out_dir: str | Path, *,
                  device: str | torch.device = "cpu", data_root: str | Path | None = None,
-                 keep: int = 5, log_every: int = 10, progress: bool = True, ranks: Ranks = Ranks()):
+                 keep: int = 5, log_every: int = 10, checkpoint_every: int = CHECKPOINT_EVERY, progress: bool = True,
+                 ranks: Ranks = Ranks()):
         _check_count("keep", keep, 0)
         _check_count("log_every", log_every, 1)
+        _check_count("checkpoint_every", checkpoint_every, 0)
         self.cfg, self.device, self.ranks = cfg, torch.device(device), ranks
         self.keep, self.log_every, self.progress = keep, log_every, progress and ranks.is_main
+        self.checkpoint_every = checkpoint_every
         self.out = Path(out_dir)
         self.checkpoint_dir = self.out / "checkpoints"
         # resolved, so that eval and --resume find the data from any working directory
         data_root = str(Path(data_root).expanduser().resolve()) if data_root else None
         # what a resumed run restores unless given again (the config aside)
         self.run = dict(dataset=dataset.name, data_root=data_root, data_options=dataset.options, keep=keep,
-                        log_every=log_every)
+                        log_every=log_every, checkpoint_every=checkpoint_every)
         torch.manual_seed(cfg.seed)
         self.learner = MAMLPlusPlus(cfg).to(self.device)
         self.optimizer = make_optimizer(self.learner, cfg, self.device)
@@ -153,6 +165,7 @@ class Trainer:
         self.tensorboard = None
         self.resumed = False
         self.saved_iteration: int | None = None  # the iteration of checkpoints/latest.pt
+        self.writer = checkpoints.BackgroundWriter()
         self._folder_ready = False
 
     # -- the run --------------------------------------------------------------------------
@@ -167,7 +180,7 @@ class Trainer:
             if stop_at < self.iteration:
                 raise ValueError(f"stop_at={stop_at} is before iteration {self.iteration}, where this run continues")
         end = total if stop_at is None else min(stop_at, total)
-        with self.own_folder():
+        with self.own_folder(), self.writer:
             if self.ranks.is_main and self.tensorboard is None:
                 self._open_tensorboard()
             self.meta_step.nonfinite.restart(self.iteration)
@@ -182,18 +195,20 @@ class Trainer:
                     self.elapsed = time.perf_counter() - started
                     logged = self.iteration % self.log_every == 0
                     epoch_ended = self.iteration % cfg.iters_per_epoch == 0
+                    checkpointed = not epoch_ended and self.checkpoint_every > 0 \
+                        and self.iteration % self.checkpoint_every == 0
                     if logged:
                         self._log_iteration(out, bar)
                     if epoch_ended:
                         self._end_epoch(bar)
+                    if checkpointed:
+                        self._checkpoint(background=True)
                     # ranks agree on a stop where they synchronise anyway
-                    synchronised = self.ranks.world == 1 or logged or epoch_ended
+                    synchronised = self.ranks.world == 1 or logged or epoch_ended or checkpointed
                     stopping = synchronised and self.ranks.any(stop_requested(), self.device)
             if self.iteration < total:
                 if self.saved_iteration != self.iteration:
-                    self._check_finite()
-                    self.ranks.average_buffers(self.learner)
-                    self._save("latest.pt")
+                    self._checkpoint()
                 raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint written to "
                                           f"{self.checkpoint_dir / 'latest.pt'}; continue with --resume")
             if stopping:  # during the last epoch's validation: the test protocol is left for later
@@ -254,24 +269,27 @@ class Trainer:
     def own_folder(self):
         """Hold the output folder's lock while the block runs (on rank 0, which alone writes
         there; nested blocks share it). On the first entry, a new run checks that the folder
-        holds no other run, a resumed one drops the records logged after its checkpoint and the epoch
-        checkpoints its history does not keep, and both remove the temporary files that killed
-        writes left."""
-        if not self.ranks.is_main:
-            yield
-            return
-        with folder_lock(self.out):
+        holds no other run and writes its first checkpoint, a resumed one drops the records logged
+        after its checkpoint and the epoch checkpoints its history does not keep, and both remove
+        the temporary files that killed writes left."""
+        with folder_lock(self.out) if self.ranks.is_main else nullcontext():
             if not self._folder_ready:
-                if self.resumed:
-                    self._truncate_metrics()
-                    self._remove_unkept()
-                else:
-                    check_fresh_folder(self.out)
-                for folder in (self.out, self.checkpoint_dir):
-                    for path in remove_temporaries(folder):
-                        log.info("removed %s, left by a killed write", path)
+                if self.ranks.is_main:
+                    self._tidy_folder()
+                if not self.resumed:  # from here on a restart with --resume continues this run
+                    self._save("latest.pt")
                 self._folder_ready = True
             yield
+
+    def _tidy_folder(self) -> None:
+        if self.resumed:
+            self._truncate_metrics()
+            self._remove_unkept()
+        else:
+            check_fresh_folder(self.out)
+        for folder in (self.out, self.checkpoint_dir):
+            for path in remove_temporaries(folder):
+                log.info("removed %s, left by a killed write", path)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -332,16 +350,27 @@ class Trainer:
         kept = sorted((h for h in self.history if h["kept"]), key=lambda h: (-h["val_accuracy"], h["epoch"]))
         return [self.checkpoint_dir / _epoch_file(h["epoch"]) for h in kept]
 
-    def _save(self, name: str) -> None:
+    def _checkpoint(self, background: bool = False) -> None:
+        """Write latest.pt at this iteration, once its state is known to be finite and the ranks'
+        running statistics are averaged."""
+        self._check_finite()  # before anything is saved
+        self.ranks.average_buffers(self.learner)
+        self._save("latest.pt", background)
+
+    def _save(self, name: str, background: bool = False) -> None:
+        """Write the checkpoint ``name`` (on rank 0); in the ``background``, from a copy of the
+        state taken now, while training goes on."""
         if name == "latest.pt":
             self.saved_iteration = self.iteration
         if not self.ranks.is_main:
             return
-        checkpoints.save(self.checkpoint_dir / name, dict(
+        self.writer.save(self.checkpoint_dir / name, dict(
             config=self.cfg.to_dict(), run=self.run, model=self.learner.state_dict(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             iteration=self.iteration, epoch=self.iteration // self.cfg.iters_per_epoch,
             elapsed=self.elapsed, history=self.history, rng=_rng_state()))
+        if not background:
+            self.writer.wait()
 
     def _end_epoch(self, bar) -> None:
         self._check_finite()  # before anything is saved
@@ -426,7 +455,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
-        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+        # a resumed run's events replace those logged after its checkpoint, as in metrics.jsonl
+        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration + 1 if self.resumed
+                                         else None)
 
     def _write_curves(self) -> None:
         from .plots import plot_curves

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, l
     _poison(stopped, 1)
     with pytest.raises(TrainingDiverged, match="at iteration 1 "):  # a stop request saves nothing either
         stopped.fit(stop_at=1)
-    assert not (tmp_path / "stopped" / "checkpoints").exists()
+    assert checkpoints.load(tmp_path / "stopped" / "checkpoints" / "latest.pt")["iteration"] == 0, "the run's start"
 
 
 def test_the_divergence_record_names_the_first_non_finite_iteration(small_cfg):
@@ -363,7 +364,7 @@ TRAIN = ["train", "--out", "run", *TINY_OPTIONS]
     (TRAIN + ["--k-shot", "15", "--k-query", "10"], "fewer than k_shot + k_query = 15 + 10"),
     (TRAIN + ["--n-way", "150"], "the val split has 100 classes, fewer than n_way=150"),
     (TRAIN + ["--bogus"], "unrecognized arguments: --bogus"),
-    (["train", "--resume", "--out", "nothing-here"], "checkpoint nothing-here/checkpoints/latest.pt does not exist"),
+    (TRAIN + ["--checkpoint-every", "-1"], "argument --checkpoint-every: must be at least 0, got -1"),
     (["eval", "--checkpoint", "nothing-here"], "no checkpoints"),
     (TRAIN + ["--device", "xyz"], "--device xyz: not a device; use cpu, cuda or cuda:N"),
     (TRAIN + ["--device", "mps"], "--device mps: mamlfast runs on cpu or cuda, not mps"),
@@ -453,18 +454,135 @@ def test_eval_refuses_checkpoints_of_different_runs_in_one_folder(tmp_path, monk
                     "mixed/epoch-000.pt and mixed/epoch-001.pt belong to different runs (n_way 20 and 5)")
 
 
+# -- one command line for a job's first start and every restart --------------------------------
+
+
+def test_resume_starts_a_run_where_there_is_none_and_continues_it_after(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, *TRAIN, "--resume", "--stop-at", "4")
+    assert code == 130 and "mamlfast: run holds no run yet: starting one" in out, err
+    code, out, err = _main(capsys, *TRAIN, "--resume")
+    assert code == 0 and "mamlfast: resuming the run in run at iteration 4" in out, err
+    assert [r["iteration"] for r in _records(tmp_path / "run") if "loss" in r] == list(range(1, 7))
+
+
+def test_a_run_is_resumable_from_its_start(tmp_path, monkeypatch, capsys):
+    """A job killed before its first checkpoint within an epoch leaves a run that --resume continues,
+    not a folder of files that it refuses."""
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    trainer = _trainer(cfg, tmp_path / "run")
+    with trainer.own_folder():
+        (tmp_path / "run" / "config.json").write_text("{}")
+    assert checkpoints.load(tmp_path / "run" / "checkpoints" / "latest.pt")["iteration"] == 0
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, *TRAIN, "--resume", "--stop-at", "1")
+    assert code == 130 and "resuming the run in run at iteration 0" in out, err
+
+
+@pytest.mark.parametrize("files", [["metrics.jsonl"], ["config.json", "checkpoints/epoch-000.pt"]])
+def test_resume_refuses_a_folder_of_another_runs_files(tmp_path, monkeypatch, capsys, files):
+    monkeypatch.chdir(tmp_path)
+    for name in files:
+        (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / name).write_text("")
+    code, _, err = _main(capsys, *TRAIN, "--resume")
+    _one_line_error(code, err, f"run holds files of another run ({', '.join(files)}) but no checkpoint to continue")
+
+
+# -- checkpoints within an epoch --------------------------------------------------------------
+
+
+class Killed(Exception):
+    """Stands for a kill: the run ends where it is, without a word or a checkpoint."""
+
+
+def test_checkpoints_within_an_epoch_resume_exactly(tmp_path):
+    """Killed after iteration 5, with checkpoints every 2 iterations (and at the epoch ends, 3 and 6),
+    the run resumes at 4 and ends bitwise as it would have, its metrics as if never killed."""
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", backend="torch", **TINY)
+    straight = _trainer(cfg, tmp_path / "straight", checkpoint_every=2)
+    straight.fit()
+
+    killed = _trainer(cfg, tmp_path / "killed", checkpoint_every=2)
+    step = killed.step
+
+    def step_then_die():
+        out = step()
+        if killed.iteration == 5:
+            raise Killed
+        return out
+    killed.step = step_then_die
+    with pytest.raises(Killed):
+        killed.fit()
+    resumed = _trainer(cfg, tmp_path / "killed", checkpoint_every=2)
+    resumed.resume()
+    assert resumed.iteration == 4
+    resumed.fit()
+    for name, expected in straight.learner.state_dict().items():
+        assert torch.equal(resumed.learner.state_dict()[name], expected), name
+    for name, expected in straight.optimizer.state_dict()["state"].items():
+        assert all(torch.equal(resumed.optimizer.state_dict()["state"][name][key], value)
+                   for key, value in expected.items()), name
+    assert resumed.history == straight.history
+    strip = [{k: v for k, v in record.items() if k != "seconds"} for record in _records(tmp_path / "straight")]
+    assert [{k: v for k, v in record.items() if k != "seconds"} for record in _records(tmp_path / "killed")] == strip
+
+
+def test_a_checkpoint_is_written_from_a_copy_while_training_goes_on(tmp_path, monkeypatch):
+    """The background write holds the state of its iteration, whatever training does meanwhile."""
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    trainer = _trainer(cfg, tmp_path, checkpoint_every=1)
+    written, save = {}, checkpoints.save
+
+    def slow_save(path, payload):
+        time.sleep(0.2)  # the next iterations change the weights meanwhile
+        written[payload["iteration"]] = payload["model"]["net.conv0.weight"]
+        save(path, payload)
+    monkeypatch.setattr(checkpoints, "save", slow_save)
+    snapshots = {}
+    step = trainer.step
+
+    def step_and_record():
+        out = step()
+        snapshots[trainer.iteration] = trainer.learner.net.conv0.weight.detach().clone()
+        return out
+    trainer.step = step_and_record
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit(stop_at=2)
+    assert set(written) == {0, 1, 2}
+    assert all(torch.equal(written[i], snapshots[i]) for i in (1, 2))
+    assert checkpoints.load(tmp_path / "checkpoints" / "latest.pt")["iteration"] == 2
+
+
+def test_a_failed_background_write_is_reported_not_lost(tmp_path, monkeypatch):
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", **TINY)
+    trainer = _trainer(cfg, tmp_path, checkpoint_every=1)
+    save = checkpoints.save
+
+    def save_fails_at_1(path, payload):
+        if payload["iteration"] == 1:
+            raise files.WriteError(28, "No space left on device", str(path))
+        save(path, payload)
+    monkeypatch.setattr(checkpoints, "save", save_fails_at_1)
+    with pytest.raises(files.WriteError, match="could not write .*latest.pt: no space left on device"):
+        trainer.fit()
+    assert trainer.iteration <= 2, "raised by the next checkpoint at the latest"
+    assert checkpoints.load(tmp_path / "checkpoints" / "latest.pt")["iteration"] == 0
+
+
 # -- resuming with the run's own options ------------------------------------------------------
 
 
 @pytest.mark.parametrize("keep", [0, 1])
 def test_resume_restores_every_option_of_the_run(tmp_path, monkeypatch, capsys, keep):
     monkeypatch.chdir(tmp_path)
-    code, _, err = _main(capsys, *TRAIN, "--keep", str(keep), "--log-every", "2", "--stop-at", "4")
+    code, _, err = _main(capsys, *TRAIN, "--keep", str(keep), "--log-every", "2", "--checkpoint-every", "5",
+                         "--stop-at", "4")
     assert code == 130, err
     code, out, err = _main(capsys, "train", "--resume", "--out", "run", "--no-progress")
     assert code == 0, err
     options = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (options["keep"], options["log_every"]) == (keep, 2)
+    assert (options["keep"], options["log_every"], options["checkpoint_every"]) == (keep, 2, 5)
     assert [r["iteration"] for r in _records(tmp_path / "run") if "loss" in r] == [2, 4, 6]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["keep"], summary["ensemble_size"]) == (keep, keep)
