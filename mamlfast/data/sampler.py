@@ -50,7 +50,7 @@ class TaskSampler:
             raise DatasetError(f"class {poorest} of the {name} split has {fewest} images, fewer than "
                                f"k_shot + k_query = {cfg.k_shot} + {cfg.k_query}")
         self.name, self.rotate = name, rotate
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         data_device = self.device if data_device is None else torch.device(data_device)
         held = split if data_device.type == "cpu" else split.packed(data_device)
         self.images, self.counts, self.offsets = held.pool, held.counts, held.offsets
@@ -113,3 +113,10 @@ class TaskSampler:
         """Indices and rotations of the ``count`` fixed evaluation tasks of this split."""
         drawn = [self.draw(seeded_generator(EVAL_SEED, STREAMS[self.name], task), 1) for task in range(count)]
         return torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index, as the tensors made there report it: "cuda" is the current CUDA device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
