@@ -10,6 +10,7 @@
 // Zero-size tensors are valid.
 #pragma once
 
+#include <cstdio>
 #include <optional>
 #include <string>
 
@@ -25,7 +26,11 @@ namespace mamlfast::checks {
 // compiler that put its own copy of libstdc++'s stream code into it crashed inserting an integer into a message
 // (an H200 image's gcc 13; benchmarks/RESULTS.md, the first GPU check). Strings are inserted safely.
 inline std::string text(int64_t value) { return std::to_string(value); }
-inline std::string text(double value) { return std::to_string(value); }
+inline std::string text(double value) {  // %g: -1e-09 stays -1e-09, where std::to_string gives -0.000000
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%g", value);
+  return buffer;
+}
 inline std::string text(const c10::Device& device) { return device.str(); }
 inline std::string text(c10::IntArrayRef sizes) {
   std::string out = "[";
