@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, recompute, reference
+from . import memory_pool, ops, recompute, reference
 from .config import MAMLConfig
 from .model import Backbone, InnerLearningRates, fold_tasks
 from .schedules import msl_weights, query_steps, use_second_order
@@ -62,6 +62,7 @@ class MAMLPlusPlus(nn.Module):
         Where second order recomputes (``cfg.recompute``), every inner step and query loss is a
         region that the outer backward runs again (``mamlfast.recompute``).
         """
+        memory_pool.serve(batch.x_support.device)
         if self.cfg.backend == "loop":
             return reference.meta_forward(self, batch, [float(w) for w in loss_weights], second_order)
         inner_step, query_loss = self._inner_step, self._query_loss
@@ -91,6 +92,7 @@ class MAMLPlusPlus(nn.Module):
         Batch norm follows ``cfg.bn_eval``; running statistics are left unchanged.
         """
         check_tasks(self.cfg, x_support, y_support, x_query, parameter=self.net.head.weight)
+        memory_pool.serve(x_support.device)
         if self.cfg.backend == "loop":
             return reference.predict(self, x_support, y_support, x_query)
         running = self.cfg.bn_eval == "running"

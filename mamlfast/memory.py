@@ -3,7 +3,6 @@ peak memory a piece of work holds, and that measured in a fresh process."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from typing import Callable
 
@@ -52,9 +51,10 @@ def held_bytes(work: Callable[[], object], device: torch.device) -> int:
     return peak_resident_bytes() - before
 
 
-def probe(command: list[str], env: dict[str, str] | None = None) -> int:
-    """The number that ``command`` (a benchmark's memory probe, run in a fresh process) prints last."""
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+def probe(command: list[str]) -> int:
+    """The number that ``command`` (a benchmark's memory probe, run in a fresh process with the
+    environment of this one) prints last."""
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe failed: {(result.stderr.strip().splitlines() or ['no message'])[-1]}")
     return int(result.stdout.split()[-1])

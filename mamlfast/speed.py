@@ -132,9 +132,7 @@ def peak_memory(workload: Workload, configuration: str) -> int:
     """Peak memory of ``configuration``'s meta-iterations (GPU: allocated by torch; CPU: resident),
     measured in a fresh process of its own."""
     command = [sys.executable, "-m", "mamlfast.speed", json.dumps(dataclasses.asdict(workload)), configuration]
-    # A fixed threshold makes glibc return every freed block of 128 KiB or more at once, so that
-    # resident memory follows the tensors alive, not what the allocator keeps from earlier peaks.
-    return probe(command, env=dict(MALLOC_MMAP_THRESHOLD_="131072"))
+    return probe(command)
 
 
 def measure(workload: Workload, configurations: list[str], repeats: int, *, memory: bool = True,

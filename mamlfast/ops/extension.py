@@ -17,20 +17,22 @@ OPERATORS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_double_bac
 # arguments that operators gained after their first release, which a stale build lacks
 LATER_ARGUMENTS = {"batch_norm_forward": "variant", "batch_norm_backward": "variant",
                    "batch_norm_double_backward": "variant"}
+# the functions of the module mamlfast._C itself (the CPU memory pool, mamlfast.memory_pool)
+FUNCTIONS = ("enable_memory_pool", "memory_pool_stats", "release_memory_pool")
 
 
 @functools.cache
 def load_error() -> str | None:
     """None if the extension loaded, else why not, in words a user can act on."""
     try:
-        from .. import _C  # noqa: F401
+        from .. import _C
     except ImportError as error:
         return _why_not_loaded(error, build_record())
     # an editable install whose sources moved on since it was built
-    missing = [name for name in OPERATORS if not hasattr(torch.ops.mamlfast, name)]
+    missing = [f"operator mamlfast::{name}" for name in OPERATORS if not hasattr(torch.ops.mamlfast, name)]
+    missing += [f"function {name}" for name in FUNCTIONS if not hasattr(_C, name)]
     if missing:
-        return (f"the extension mamlfast._C is older than mamlfast's Python code (it has no operator "
-                f"mamlfast::{missing[0]}): {REINSTALL}")
+        return f"the extension mamlfast._C is older than mamlfast's Python code (it has no {missing[0]}): {REINSTALL}"
     for name, argument in LATER_ARGUMENTS.items():
         if argument not in {a.name for a in getattr(torch.ops.mamlfast, name).default._schema.arguments}:
             return (f"the extension mamlfast._C is older than mamlfast's Python code (mamlfast::{name} takes no "
