@@ -24,6 +24,7 @@ import meta_step  # noqa: E402
 import mamlfast  # noqa: E402
 from mamlfast import speed  # noqa: E402
 from mamlfast.func_peer import FuncMAMLPlusPlus  # noqa: E402
+from mamlfast.ops.extension import load_error  # noqa: E402
 
 TINY = ["--preset", "omniglot-5w1s", "--tasks", "2", "--override", "image_size=16", "--override", "num_filters=4",
         "--repeats", "2", "--warmup", "1", "--no-memory", "--threads", "1"]
@@ -190,3 +191,19 @@ def test_gpu_check_goes_on_after_a_failure_and_summarizes_when_stopped(tmp_path)
     assert outcomes[:stopped] == [(name, expected.get(name, "passed")) for name in STEPS[:stopped]]
     assert "planted failure" in summary["steps"][0]["log_tail"][-1]
     assert summary["meta_step"][0]["rows"][0]["preset"] == "omniglot-20w1s"
+
+
+def test_memory_pool_benchmark_runs_each_allocator_in_a_process_of_its_own(tmp_path):
+    """Each row ran with the allocator it names, and reports memory and times from the same run."""
+    if load_error():
+        pytest.skip(load_error())
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_pool.py"), "--preset", "omniglot-5w1s",
+                    "--tasks", "1", "--iterations", "3", "--rounds", "1", "--json", str(out)], check=True,
+                   capture_output=True, text=True)
+    rows = json.loads(out.read_text())["rounds"]
+    assert [(row["configuration"], row["allocator"]) for row in rows] == [
+        ("cpp", "pool"), ("cpp", "glibc"), ("cpp+recompute", "pool"), ("cpp+recompute", "glibc")]
+    for row in rows:
+        assert row["pool_serving"] == [row["allocator"] == "pool"]
+        assert row["held_mib"][0] > 0 and row["median_s"][0] > 0
