@@ -79,7 +79,8 @@ def _includes(source: Path) -> set[str]:
 
 def test_every_build_compiles_the_cpu_kernels_and_cuda_adds_its_own():
     cpu, cuda = SETUP["read_sources"]()
-    assert set(cpu) == {"csrc/library.cpp", "csrc/batch_norm_cpu.cpp", "csrc/lslr_cpu.cpp", "csrc/max_pool_cpu.cpp"}
+    assert set(cpu) == {"csrc/library.cpp", "csrc/batch_norm_cpu.cpp", "csrc/lslr_cpu.cpp", "csrc/max_pool_cpu.cpp",
+                        "csrc/memory_pool_cpu.cpp"}
     assert set(cuda) == {"csrc/bindings.cpp", "csrc/batch_norm.cu", "csrc/lslr.cu"}
     assert all((ROOT / source).is_file() for source in cpu + cuda)
     # a build without a CUDA toolkit compiles the CPU sources: no CUDA header may reach them
