@@ -1,10 +1,14 @@
 """The hot ops on the torch backend: values against their definitions, gradcheck, gradgradcheck."""
 
+import logging
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
+import mamlfast.ops.extension
 from mamlfast import ops
+from mamlfast.ops import backends
 
 
 def _activations(samples=3, tasks=2, channels=5, size=3, seed=0):
@@ -100,3 +104,16 @@ def test_unknown_backend_is_an_error():
 def test_auto_takes_the_compiled_kernels_on_the_cpu_where_they_are_built():
     cpu = torch.device("cpu")
     assert ops.resolve("auto", cpu) == ("cpp" if ops.availability(cpu)["cpp"] is None else "torch")
+
+
+def test_auto_says_once_why_it_passes_over_an_extension_that_does_not_load(monkeypatch, caplog):
+    stale = "the extension mamlfast._C is older than mamlfast's Python code (it has no operator mamlfast::x): reinstall"
+    monkeypatch.setattr(mamlfast.ops.extension, "load_error", lambda: stale)
+    monkeypatch.setattr(backends, "_said_cannot_run", set())
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
+        assert ops.resolve("auto", cpu) == "torch"
+        assert ops.resolve("auto", cpu, torch.float64) == "torch"
+        assert backends.auto_by_known_verdicts(cpu) == "torch"  # mamlfast info reports, and says nothing here
+    (warning,) = caplog.records
+    assert warning.getMessage() == f"backend='auto' cannot use 'cpp' on cpu: {stale}; it takes 'torch' instead"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -15,6 +16,9 @@ OP_BACKENDS = ("torch", "cpp", "triton", "cuda")
 # auto's choice, fastest first, per device type: the compiled kernels where they can run and agree
 # with the torch backend (benchmarks/RESULTS.md has the measurements), else the pure PyTorch path
 AUTO_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+
+log = logging.getLogger(__name__)
+_said_cannot_run: set = set()  # (backend, device type) auto passed over as unusable, once said
 
 
 class BackendUnavailable(RuntimeError):
@@ -98,21 +102,37 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
 
 
 def _auto(device: torch.device, dtype: torch.dtype, verdict_of=None) -> str:
-    """The first usable backend of auto's preference that agrees with the torch backend, else torch;
-    each passed over for its disagreement is named in a warning, once per process. ``verdict_of``
-    (default ``self_check.verdict``) may leave a backend unjudged (None): it counts as agreeing."""
-    passed_over = []
+    """The first usable backend of auto's preference that agrees with the torch backend, else torch.
+    Each passed over is named in a warning, once per process: one that disagrees, and, when resolving
+    for a run (``verdict_of`` None), one that cannot run here, so that a user on a slower path
+    (an extension not built, or older than the Python code) learns why. ``verdict_of`` (default
+    ``self_check.verdict``) may leave a backend unjudged (None): it counts as agreeing."""
+    passed_over, cannot_run = [], []
     for name in AUTO_PREFERENCE.get(device.type, ()):
-        if unavailable_reason(name, device) is None:
-            found = (verdict_of or self_check.verdict)(name, device, dtype)
-            if found is None or found.agrees:
-                break
-            passed_over.append(found)
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            cannot_run.append((name, reason))
+            continue
+        found = (verdict_of or self_check.verdict)(name, device, dtype)
+        if found is None or found.agrees:
+            break
+        passed_over.append(found)
     else:
         name = "torch"
+    if verdict_of is None:
+        for skipped, reason in cannot_run:
+            _say_cannot_run(skipped, device, reason, name)
     for found in passed_over:
         self_check.warn_fallback(found, name)
     return name
+
+
+def _say_cannot_run(backend: str, device: torch.device, reason: str, instead: str) -> None:
+    key = (backend, device.type)
+    if key not in _said_cannot_run:
+        _said_cannot_run.add(key)
+        log.warning("backend='auto' cannot use %r on %s: %s; it takes %r instead", backend, device.type, reason,
+                    instead)
 
 
 def auto_by_known_verdicts(device: torch.device, dtype: torch.dtype | None = None) -> str:
