@@ -1,6 +1,7 @@
 """The decoded-images cache: one memory-mapped file per data set, with a header and checksums,
 written once while other processes wait, shared by every process, rebuilt when damaged."""
 
+import errno
 import json
 import logging
 import os
@@ -136,6 +137,41 @@ def test_a_cache_folder_that_cannot_be_written_costs_a_decoding_in_memory(tmp_pa
         assert torch.equal(again[split].images, first[split].images)
     assert "could not write the cache file" in caplog.text and "Read-only file system" in caplog.text
     assert _cache_file().read_bytes() == b"damaged"
+
+
+def test_a_full_disk_while_writing_the_cache_costs_a_decoding_in_memory_and_leaves_no_file(tmp_path, monkeypatch,
+                                                                                            caplog):
+    root = make_omniglot(tmp_path / "omniglot")
+    real_open = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def write(self, data):
+            if self.handle.tell() + len(data) > 4096:  # the disk fills after the first page
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: FullDisk(real_open(*args, **kwargs)))
+    with caplog.at_level(logging.WARNING, logger="mamlfast.data.cache"):
+        decoded = load_omniglot(root, image_size=16)
+    monkeypatch.undo()
+    assert "could not write the cache file" in caplog.text and "(No space left on device)" in caplog.text
+    assert not [p for p in cache.cache_dir().iterdir() if p.suffix != ".lock"]  # no cache file, no temporary
+    again = load_omniglot(root, image_size=16)  # decoded and cached now that there is room
+    for split in decoded:
+        assert torch.equal(again[split].images, decoded[split].images)
+    _cache_file()
 
 
 @pytest.mark.parametrize("sizes", [[3500], [999, 1, 1000, 1500], [1000, 1000], [0, 7], []])
