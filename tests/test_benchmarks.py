@@ -18,6 +18,7 @@ from conftest import perturbed_learner, random_batch, relative_errors
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import conv_forms  # noqa: E402
 import gpu_summary  # noqa: E402
 import kernels  # noqa: E402
 import meta_step  # noqa: E402
@@ -207,3 +208,25 @@ def test_memory_pool_benchmark_runs_each_allocator_in_a_process_of_its_own(tmp_p
     for row in rows:
         assert row["pool_serving"] == [row["allocator"] == "pool"]
         assert row["held_mib"][0] > 0 and row["median_s"][0] > 0
+
+
+@pytest.mark.parametrize("wants_input_grad", [False, True], ids=["first-stage", "later-stage"])
+def test_conv_forms_give_the_convolutions_values_and_derivatives(wants_input_grad):
+    """Every form timed against today's computes the same convolution to second order (float64)."""
+    g = torch.Generator().manual_seed(0)
+    tasks = 3
+    x = torch.randn(2, tasks * 2, 5, 5, generator=g, dtype=torch.float64).requires_grad_(wants_input_grad)
+    weight = torch.randn(tasks * 4, 2, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(tasks * 4, generator=g, dtype=torch.float64).requires_grad_()
+    leaves = (x, weight, bias) if wants_input_grad else (weight, bias)
+    expected = None
+    for name, form in conv_forms.FORMS.items():
+        if name == "cpp" and load_error():
+            continue
+        for leaf in leaves:
+            leaf.grad = None
+        conv_forms.timed(name, x, weight, bias, tasks)()
+        found = [form(x, weight, bias, tasks).detach()] + [leaf.grad.clone() for leaf in leaves]
+        expected = expected or found
+        for a, b in zip(found, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
