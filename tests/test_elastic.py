@@ -1,6 +1,6 @@
 """Runs on a cluster (gloo on the loopback, tiny synthetic runs): a worker killed mid-epoch and
-restarted by torchrun, a scheduler's SIGTERM during validation, two launchers that rendezvous as
-two machines would."""
+restarted by torchrun, a scheduler's SIGTERM mid-epoch and during validation, two launchers that
+rendezvous as two machines would."""
 
 import json
 import os
@@ -16,8 +16,8 @@ from test_distributed import OPTIONS, _env, _free_port, _train, _weights
 
 # The command as torchrun starts it on every rank, with what a cluster does to it: on its first
 # attempt, the rank KILL_RANK SIGKILLs itself after iteration KILL_AT (a lost node, an out-of-memory
-# kill); rank 0 has torchrun sent a SIGTERM while it validates, as a scheduler does at preemption,
-# when TERM_IN_VALIDATION is set. Each rank records its exit code.
+# kill); rank 0 has torchrun sent a SIGTERM, as a scheduler does at preemption, after iteration
+# TERM_AT or while it validates when TERM_IN_VALIDATION is set. Each rank records its exit code.
 WORKER = textwrap.dedent("""
     import os, signal, sys, time
     import mamlfast.cli, mamlfast.train
@@ -30,6 +30,15 @@ WORKER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
         mamlfast.train.Trainer.step = step_then_die
+    if rank == "0" and os.environ.get("TERM_AT"):
+        step = mamlfast.train.Trainer.step
+        def step_then_terminated(self):
+            out = step(self)
+            if self.iteration == int(os.environ["TERM_AT"]):
+                os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(1)  # torchrun passes the signal on to every rank meanwhile
+            return out
+        mamlfast.train.Trainer.step = step_then_terminated
     if rank == "0" and os.environ.get("TERM_IN_VALIDATION"):
         validate = mamlfast.train.FixedTasks.accuracies
         def validate_while_terminated(self, *args, **kwargs):
@@ -100,6 +109,26 @@ def test_sigterm_to_torchrun_during_validation_stops_every_rank_at_the_epochs_ch
     assert _exit_codes(tmp_path) == {"exit-0-0": 130, "exit-1-0": 130}
     saved = checkpoints.load(tmp_path / "terminated" / "checkpoints" / "latest.pt")
     assert saved["iteration"] == 3 and [h["epoch"] for h in saved["history"]] == [0]
+
+
+def test_sigterm_to_torchrun_mid_epoch_stops_every_rank_at_one_iteration_and_the_resumed_run_ends_as_if_uninterrupted(
+        tmp_path, straight):
+    """The scheduler's SIGTERM reaches torchrun after iteration 4 of 6, mid-epoch: every rank stops at
+    the same iteration with its checkpoint and exits with code 130; the same command line run again
+    resumes there and ends with the uninterrupted run's weights and metrics, bitwise."""
+    def torchrun(**worker_env):
+        return _torchrun(tmp_path, "terminated", "--nproc_per_node=2", "--master_port", str(_free_port()),
+                         options=CHECKPOINT_EVERY, worker_env=worker_env)
+
+    _, stderr = torchrun(TERM_AT="4").communicate(timeout=300)
+    assert _exit_codes(tmp_path) == {"exit-0-0": 130, "exit-1-0": 130}, stderr
+    stopped_at = checkpoints.load(tmp_path / "terminated" / "checkpoints" / "latest.pt")["iteration"]
+    assert 4 <= stopped_at < 6, "mid-epoch, not at its end"
+    assert f"stopped at iteration {stopped_at}; checkpoint written to terminated/checkpoints/latest.pt" in stderr
+    resumed = torchrun()
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    _assert_same_training(tmp_path / "terminated", straight)
 
 
 def test_two_launchers_that_rendezvous_train_as_one_launcher_with_as_many_ranks(tmp_path, straight):
