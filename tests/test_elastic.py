@@ -16,7 +16,7 @@ from test_distributed import OPTIONS, _env, _free_port, _train, _weights
 
 # The command as torchrun starts it on every rank, with what a cluster does to it: on its first
 # attempt, the rank KILL_RANK SIGKILLs itself after iteration KILL_AT (a lost node, an out-of-memory
-# kill); rank 0 has torchrun sent a SIGTERM, as a scheduler does at preemption, after iteration
+# kill), leaving a record that it did; rank 0 has torchrun sent a SIGTERM, as a scheduler does at preemption, after iteration
 # TERM_AT or while it validates when TERM_IN_VALIDATION is set. Each rank records its exit code.
 WORKER = textwrap.dedent("""
     import os, signal, sys, time
@@ -27,6 +27,7 @@ WORKER = textwrap.dedent("""
         def step_then_die(self):
             out = step(self)
             if self.iteration == int(os.environ["KILL_AT"]):
+                open(f"killed-{rank}-{attempt}", "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
         mamlfast.train.Trainer.step = step_then_die
@@ -94,7 +95,8 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_p
     _, stderr = elastic.communicate(timeout=300)
     assert elastic.returncode == 0, stderr
     codes = _exit_codes(tmp_path)
-    assert "exit-1-0" not in codes and "exitcode: -9" in stderr, "rank 1 was killed on the first attempt"
+    # torchrun names only the failure it saw first, which may be rank 0 losing contact with rank 1
+    assert (tmp_path / "killed-1-0").exists() and "exit-1-0" not in codes, "rank 1 was killed on the first attempt"
     assert (codes["exit-0-1"], codes["exit-1-1"]) == (0, 0), "and both ranks ended the second"
     _assert_same_training(tmp_path / "elastic", straight)
 
