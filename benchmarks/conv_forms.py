@@ -13,6 +13,10 @@ The forms, taking turns in one process (median and range of the rounds):
 - ``per_task``: one ungrouped convolution per task;
 - ``no_mkldnn``: PyTorch's grouped convolution without oneDNN (its im2col and GEMM path).
 
+What any form could gain is bounded by how close today's comes to the core's arithmetic rate: each
+stage's forward (``torch``) is also timed alone, in GFLOP/s, beside a 1024 x 1024 matrix product on
+the same thread (oneDNN's and BLAS's best case here).
+
     python benchmarks/conv_forms.py --preset omniglot-5w1s --threads 1 --rounds 30 --json out.json
 """
 
@@ -22,6 +26,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import mamlfast
 from mamlfast.files import write_json
@@ -94,6 +99,28 @@ def stage_inputs(cfg, stage: int, shape):
     return x, weight, bias
 
 
+MATMUL_SIZE = 1024
+
+
+def forward_rates(cfg, stages: list, rounds: int, warmup: int) -> dict:
+    """GFLOP/s of each stage's grouped forward and of a square matrix product, taking turns."""
+    matrices = torch.randn(2, MATMUL_SIZE, MATMUL_SIZE)
+    calls = {"matmul": lambda: matrices[0] @ matrices[1]}
+    for stage, (x, weight, bias) in enumerate(stages):
+        calls[f"stage {stage}"] = lambda x=x, w=weight, b=bias: torch_form(x, w, b, cfg.meta_batch_size)
+    with torch.no_grad():
+        flops = {name: flop_count(call) for name, call in calls.items()}
+        times = time_interleaved(calls, torch.device("cpu"), rounds, warmup)
+    return {name: flops[name] / median(t) / 1e6 for name, t in times.items()}
+
+
+def flop_count(call) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    return counter.get_total_flops()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="omniglot-5w1s")
@@ -104,9 +131,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = mamlfast.MAMLConfig.preset(args.preset)
-    rows = []
-    for stage, shape in enumerate(stage_shapes(cfg)):
-        x, weight, bias = stage_inputs(cfg, stage, shape)
+    rows, stages = [], [stage_inputs(cfg, stage, shape) for stage, shape in enumerate(stage_shapes(cfg))]
+    for stage, (shape, (x, weight, bias)) in enumerate(zip(stage_shapes(cfg), stages)):
         expected = torch_form(x, weight, bias, cfg.meta_batch_size)
         for form in FORMS.values():
             torch.testing.assert_close(form(x, weight, bias, cfg.meta_batch_size), expected, rtol=1e-4, atol=1e-4)
@@ -120,9 +146,13 @@ def main(argv=None) -> None:
     total = {name: sum(row["ms"][name]["median"] for row in rows) for name in FORMS}
     print("all stages: " + "  ".join(f"{name} {ms:.2f} ({total['torch'] / ms:.2f}x torch)"
                                      for name, ms in total.items()) + " ms")
+    rates = forward_rates(cfg, stages, args.rounds, args.warmup)
+    print("forward GFLOP/s: " + "  ".join(f"{name} {rate:.1f} ({rate / rates['matmul']:.0%})"
+                                          for name, rate in rates.items()))
     if args.json:
         write_json(args.json, dict(preset=args.preset, threads=args.threads, rounds=args.rounds, stages=rows,
-                                   total_ms=total, processor=processor_name(), versions=versions()))
+                                   total_ms=total, forward_gflops=rates, processor=processor_name(),
+                                   versions=versions()))
 
 
 if __name__ == "__main__":

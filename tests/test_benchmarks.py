@@ -230,3 +230,13 @@ def test_conv_forms_give_the_convolutions_values_and_derivatives(wants_input_gra
         expected = expected or found
         for a, b in zip(found, expected):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_conv_forms_rates_count_a_grouped_convolutions_multiply_adds_twice():
+    """A stage's rate is 2 flops per multiply-add of its grouped forward, here [2, 3*4, 5, 5] outputs
+    of 2*9 products each, over the time of that forward."""
+    cfg = mamlfast.MAMLConfig.preset("omniglot-5w1s", meta_batch_size=3)
+    x, weight, bias = torch.randn(2, 3 * 2, 5, 5), torch.randn(3 * 4, 2, 3, 3), torch.randn(3 * 4)
+    assert conv_forms.flop_count(lambda: conv_forms.torch_form(x, weight, bias, 3)) == 2 * (2 * 12 * 25) * (2 * 9)
+    rates = conv_forms.forward_rates(cfg, [(x, weight, bias)], rounds=2, warmup=0)
+    assert set(rates) == {"matmul", "stage 0"} and all(rate > 0 for rate in rates.values())
