@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -133,6 +134,30 @@ def test_a_dead_rank_ends_the_run(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
     assert "SIGKILL" in stderr
+
+
+LOSES_CONTACT = textwrap.dedent("""
+    import atexit, sys
+    import mamlfast.cli, mamlfast.train
+    from mamlfast.distributed import DistributedError
+    def step_then_lose_contact(self):
+        raise DistributedError("rank 0 lost contact with the other ranks (one died or is stuck): test")
+    mamlfast.train.Trainer.step = step_then_lose_contact
+    atexit.register(lambda: open("torn-down", "w").close())
+    sys.exit(mamlfast.cli.main(sys.argv[1:]))
+""")
+
+
+def test_a_rank_that_lost_contact_ends_with_its_message_and_code_2_without_the_interpreters_teardown(tmp_path):
+    """The teardown, where gloo's threads may still hold the rank's tensors, could abort the process
+    and hide the failure's code; the rank ends before it, its message flushed."""
+    (tmp_path / "worker.py").write_text(LOSES_CONTACT)
+    run = subprocess.run([sys.executable, "worker.py", "train", "--out", "lost", *OPTIONS], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.endswith("mamlfast: error: rank 0 lost contact with the other ranks (one died or is stuck): "
+                               "test\n"), run.stderr
+    assert not (tmp_path / "torn-down").exists(), "the interpreter's teardown ran"
 
 
 def _stuck_peer(rank, port, result):
