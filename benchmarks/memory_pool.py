@@ -21,6 +21,7 @@ import time
 import torch
 
 from mamlfast.files import write_json
+from mamlfast.timing import processor_name
 
 CONFIGURATIONS = ("cpp", "cpp+recompute")
 ALLOCATORS = ("pool", "glibc")
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
               f"median {min(seconds):.3f} to {max(seconds):.3f} s per iteration")
     if args.json:
         write_json(args.json, dict(preset=args.preset, tasks=args.tasks, epoch=args.epoch, threads=args.threads,
-                                   torch=torch.__version__, rounds=summary))
+                                   processor=processor_name(), torch=torch.__version__, rounds=summary))
 
 
 if __name__ == "__main__":
