@@ -27,6 +27,7 @@ from .train import CHECKPOINT_EVERY, FixedTasks, Trainer, TrainingDiverged, Trai
 
 DEFAULT_PRESET = "omniglot-5w1s"
 MAX_SECONDS = 365 * 24 * 3600
+NO_PROGRESS_HELP = "no progress bars (they are drawn only where stderr is a terminal)"
 # the options of a run besides its config and its data, and their defaults
 RUN_DEFAULTS = dict(keep=5, log_every=10, checkpoint_every=CHECKPOINT_EVERY)
 
@@ -88,7 +89,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        help=f"also write checkpoints/latest.pt every N iterations within an epoch, so that a killed "
                             f"or preempted run loses at most N (0: at epoch ends only; default "
                             f"{RUN_DEFAULTS['checkpoint_every']}; on --resume, the run's)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     train.add_argument("--stop-at", type=_integer(0), default=None, metavar="ITERATION",
                        help="stop at this iteration as on Ctrl-C (checkpoint; continue with --resume)")
     train.add_argument("--dist-timeout", type=_seconds, default=600.0, metavar="SECONDS",
@@ -107,7 +108,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--data-root", default=None, help="where the data is now, if it moved")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--backend", choices=BACKENDS, default=None)
-    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
     commands.add_parser("info", help="versions, devices, and which backends can run and agree with torch")
     _add_check_command(commands)
@@ -130,7 +131,7 @@ def _add_check_command(commands) -> None:
                                help="meta-batch size of the timed meta-iterations (default: the preset's)")
     check_command.add_argument("--no-memory", action="store_true",
                                help="no peak memory (on the CPU, measured in a fresh process per backend)")
-    check_command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check_command.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
 
 def _add_folder_options(train) -> None:
@@ -226,7 +227,7 @@ def run_train(args) -> int:
     dataset_name, data_root, data_options = run["dataset"], run["data_root"], run["data_options"]
     ranks = distributed.from_environment(cfg.meta_batch_size, args.dist_timeout)
     device = _device(args.device, ranks)
-    progress = not args.no_progress and ranks.is_main
+    progress = _shows_progress(args) and ranks.is_main
     with _memory_for(cfg, device):
         if dataset_name == "omniglot" and data_root is None:
             data_root = str(default_omniglot_root().resolve())
@@ -331,7 +332,7 @@ def run_eval(args) -> int:
         learners = [checkpoints.learner_from(payload, device, **execution) for _, payload in ranked]
         cfg = learners[0].cfg.replace(eval_tasks=args.tasks) if args.tasks else learners[0].cfg
         run = ranked[0][1]["run"]
-        progress = not args.no_progress
+        progress = _shows_progress(args)
         dataset = load_dataset(run["dataset"], cfg, args.data_root or run["data_root"],
                                progress=_progress("decoding classes", progress), **run.get("data_options", {}))
         tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg, device))
@@ -436,7 +437,13 @@ def _backend_lines(device: torch.device) -> list[str]:
 
 def run_check(args) -> int:
     return check.run(_device(args.device), args.preset, args.backends, repeats=args.repeats, tasks=args.tasks,
-                     memory=not args.no_memory, progress=not args.no_progress, json_path=args.json)
+                     memory=not args.no_memory, progress=_shows_progress(args), json_path=args.json)
+
+
+def _shows_progress(args) -> bool:
+    """Bars redraw themselves with carriage returns: on a terminal they stay one line, in a log file (a batch
+    job's, ``> log 2>&1``) they would pile up into megabytes."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _progress(description: str, enabled: bool):

@@ -392,6 +392,15 @@ def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, ca
     assert len(err) < 600, "values cut to a readable length"
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_are_drawn_where_stderr_is_a_terminal_only(tmp_path, monkeypatch, capsys, terminal):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    code, out, err = _main(capsys, *(option for option in TRAIN if option != "--no-progress"))
+    assert code == 0 and "test accuracy" in out, err
+    assert ("meta-training" in err and "test tasks" in err) == terminal, err
+
+
 def test_the_dataset_is_told_from_the_data_root(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_mini_imagenet(tmp_path / "mini", MINI_IMAGENET_CLASSES, 1, size=4)
