@@ -17,15 +17,16 @@ from mamlfast.versions import release  # noqa: E402
 
 def repair_triton_interpreter_loop_bounds():
     """Triton's interpreter before 3.8 reads a loop bound that is a kernel argument (``range(0, rows)``)
-    with int() of a one-element array, which NumPy 2.4 refuses: "only 0-dimensional arrays can be
-    converted to Python scalars" (triton-lang/triton#9171). Triton 3.8 squeezes the array first; this
-    does the same in older Tritons. It changes the interpreter only: compiled kernels never run it."""
+    with int() of a one-element array, which NumPy 1.25 deprecates (a warning at every launch) and 2.4
+    refuses: "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171).
+    Triton 3.8 squeezes the array first; this does the same in older Tritons. It changes the
+    interpreter only: compiled kernels never run it."""
     try:
         import triton
         from triton.runtime import interpreter
     except ImportError:  # the triton backend's tests skip, saying so
         return
-    if release(triton.__version__) >= (3, 8) or release(numpy.__version__) < (2, 4):
+    if release(triton.__version__) >= (3, 8) or release(numpy.__version__) < (1, 25):
         return
     patch_lang_tensor = interpreter._patch_lang_tensor
 
