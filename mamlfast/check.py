@@ -26,6 +26,7 @@ from .files import write_json
 from .ops import OP_BACKENDS, availability, self_check
 from .ops.comparison import dtype_name
 from .ops.phases import PHASES
+from .progress import bar as progress_bar
 from .speed import CAPTURE_WARMUP, Workload, measure, op_cases
 from .timing import device_name, median, time_interleaved, versions
 
@@ -71,7 +72,7 @@ def run(device: torch.device, preset: str | None = None, backends: str | None = 
     configurations = _configurations(chosen, device)
     steps = (len(fused) * len(dtypes_for(device))
              + len(configurations) * (workload.warmup + repeats + int(memory and device.type == "cpu")))
-    with tqdm(total=steps, desc="mamlfast check", leave=False, disable=not progress) as bar:
+    with progress_bar(total=steps, desc="mamlfast check", leave=False, disable=not progress) as bar:
         correctness = _correctness(fused, device, bar)
         # built after the checks: building runs each backend's ops once
         cases = op_cases(workload.config("torch"), op_backends, device) if op_backends else []

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy
 import torch
-from tqdm import tqdm
 
 from . import __version__, check, checkpoints, config_file, distributed, ops, versions
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
@@ -22,12 +21,13 @@ from .data import DATA_OPTIONS, DATASETS, infer_dataset, load_dataset
 from .data.omniglot import CLASS_SPLITS
 from .data.download import default_omniglot_root, download_omniglot
 from .files import first_line, shown
+from .progress import bar as progress_bar
 from .train import CHECKPOINT_EVERY, FixedTasks, Trainer, TrainingDiverged, TrainingInterrupted, check_fresh_folder, \
     eval_chunk, mean_and_ci95
 
 DEFAULT_PRESET = "omniglot-5w1s"
 MAX_SECONDS = 365 * 24 * 3600
-NO_PROGRESS_HELP = "no progress bars (they are drawn only where stderr is a terminal)"
+NO_PROGRESS_HELP = "no progress bars (where stderr is not a terminal, they are redrawn every 30 s at most)"
 # the options of a run besides its config and its data, and their defaults
 RUN_DEFAULTS = dict(keep=5, log_every=10, checkpoint_every=CHECKPOINT_EVERY)
 
@@ -227,7 +227,7 @@ def run_train(args) -> int:
     dataset_name, data_root, data_options = run["dataset"], run["data_root"], run["data_options"]
     ranks = distributed.from_environment(cfg.meta_batch_size, args.dist_timeout)
     device = _device(args.device, ranks)
-    progress = _shows_progress(args) and ranks.is_main
+    progress = not args.no_progress and ranks.is_main
     with _memory_for(cfg, device):
         if dataset_name == "omniglot" and data_root is None:
             data_root = str(default_omniglot_root().resolve())
@@ -332,7 +332,7 @@ def run_eval(args) -> int:
         learners = [checkpoints.learner_from(payload, device, **execution) for _, payload in ranked]
         cfg = learners[0].cfg.replace(eval_tasks=args.tasks) if args.tasks else learners[0].cfg
         run = ranked[0][1]["run"]
-        progress = _shows_progress(args)
+        progress = not args.no_progress
         dataset = load_dataset(run["dataset"], cfg, args.data_root or run["data_root"],
                                progress=_progress("decoding classes", progress), **run.get("data_options", {}))
         tasks = FixedTasks(dataset.sampler(args.split, cfg, device), cfg.eval_tasks, eval_chunk(cfg, device))
@@ -437,17 +437,11 @@ def _backend_lines(device: torch.device) -> list[str]:
 
 def run_check(args) -> int:
     return check.run(_device(args.device), args.preset, args.backends, repeats=args.repeats, tasks=args.tasks,
-                     memory=not args.no_memory, progress=_shows_progress(args), json_path=args.json)
-
-
-def _shows_progress(args) -> bool:
-    """Bars redraw themselves with carriage returns: on a terminal they stay one line, in a log file (a batch
-    job's, ``> log 2>&1``) they would pile up into megabytes."""
-    return not args.no_progress and sys.stderr.isatty()
+                     memory=not args.no_memory, progress=not args.no_progress, json_path=args.json)
 
 
 def _progress(description: str, enabled: bool):
-    return lambda items: tqdm(items, desc=description, leave=False, disable=not enabled)
+    return lambda items: progress_bar(items, desc=description, leave=False, disable=not enabled)
 
 
 COMMANDS = {"train": run_train, "eval": run_eval, "info": run_info, "check": run_check}

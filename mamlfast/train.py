@@ -28,7 +28,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import checkpoints
 from .config import MAMLConfig
@@ -36,6 +35,7 @@ from .data import FewShotDataset, TaskSampler
 from .distributed import Ranks
 from .files import append_line, atomic_open, folder_lock, json_text, remove_temporaries, shown, write_json
 from .learner import MAMLPlusPlus
+from .progress import bar as progress_bar
 from .schedules import cosine_meta_lr, total_iterations
 from .step import MetaStep, make_optimizer, match_optimizer_to_device
 
@@ -79,7 +79,7 @@ class FixedTasks:
         learners = list({id(learner): learner for ensemble in ensembles for learner in ensemble}.values())
         results = [torch.zeros(len(ensembles), 0, device=self.sampler.device)]
         starts = range(0, len(self.indices), self.chunk)
-        for start in tqdm(starts, desc=f"{self.sampler.name} tasks", leave=False, disable=not progress):
+        for start in progress_bar(starts, desc=f"{self.sampler.name} tasks", leave=False, disable=not progress):
             stop = start + self.chunk
             batch = self.sampler.batch(self.indices[start:stop], self.rotations[start:stop])
             logits = {id(learner): learner.predict(batch.x_support, batch.y_support, batch.x_query)
@@ -185,8 +185,8 @@ class Trainer:
                 self._open_tensorboard()
             self.meta_step.nonfinite.restart(self.iteration)
             started = time.perf_counter() - self.elapsed
-            bar = tqdm(total=total, initial=self.iteration, desc="meta-training", unit="it",
-                       disable=not self.progress, dynamic_ncols=True)
+            bar = progress_bar(total=total, initial=self.iteration, desc="meta-training", unit="it",
+                               disable=not self.progress, dynamic_ncols=True)
             stopping = False
             with bar, _stop_requests(repeat_interrupts=self.ranks.world == 1) as stop_requested:
                 while self.iteration < end and not stopping:
@@ -407,7 +407,8 @@ class Trainer:
         if not self.ranks.is_main:
             return
         self._append_metrics(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", epoch=record["epoch"])
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", epoch=record["epoch"],
+                        refresh=False)  # shown at the bar's next redraw
 
     def _check_finite(self) -> None:
         self._stop_if_diverged(self.ranks.min(self.meta_step.nonfinite.first.clone()).item())

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 import mamlfast
 from conftest import DEVICE, random_batch
 from fixtures import MINI_IMAGENET_CLASSES, full_disk, make_mini_imagenet
-from mamlfast import checkpoints, files
+from mamlfast import checkpoints, files, progress
 from mamlfast.data import load_dataset
 from mamlfast.step import MetaStep, make_optimizer
 from mamlfast.train import RunFolderError, Trainer, TrainingDiverged, TrainingInterrupted
@@ -393,12 +394,22 @@ def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("terminal", [False, True])
-def test_progress_bars_are_drawn_where_stderr_is_a_terminal_only(tmp_path, monkeypatch, capsys, terminal):
+def test_progress_bars_redraw_seldom_where_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys, terminal):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    intervals = []
+    monkeypatch.setattr(tqdm, "__init__", _recording(tqdm.__init__, intervals))
     code, out, err = _main(capsys, *(option for option in TRAIN if option != "--no-progress"))
     assert code == 0 and "test accuracy" in out, err
-    assert ("meta-training" in err and "test tasks" in err) == terminal, err
+    assert "meta-training" in err and "test tasks" in err
+    assert set(intervals) == {progress.OFTEN if terminal else progress.SELDOM}
+
+
+def _recording(init, intervals):
+    def recording_init(self, *args, **kwargs):
+        intervals.append(kwargs.get("mininterval"))
+        init(self, *args, **kwargs)
+    return recording_init
 
 
 def test_the_dataset_is_told_from_the_data_root(tmp_path, monkeypatch, capsys):

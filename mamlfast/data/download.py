@@ -23,9 +23,8 @@ from functools import partial
 from http.client import HTTPException
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..files import atomic_open, cache_dir, folder_lock, remove_temporaries
+from ..progress import bar as progress_bar
 from .images import DatasetError
 from .omniglot import PARTS
 
@@ -105,8 +104,8 @@ def _fetch(url: str, target: Path, expected: str, root: Path, progress: bool) ->
                 raise DatasetError(f"the server of {url} announces {length} bytes, more than the {MAX_BYTES} that "
                                    f"an Omniglot zip could have")
             digest, received = hashlib.md5(), 0
-            with tqdm(total=length, desc=f"downloading {target.name}", unit="B", unit_scale=True, leave=False,
-                      disable=not progress) as bar:
+            with progress_bar(total=length, desc=f"downloading {target.name}", unit="B", unit_scale=True,
+                              leave=False, disable=not progress) as bar:
                 while True:
                     try:
                         chunk = response.read1(CHUNK)
