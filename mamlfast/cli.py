@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import __version__, check, checkpoints, config_file, distributed, ops, versions
+from . import __version__, check, checkpoints, config_file, distributed, ops, progress, versions
 from .config import BACKENDS, BN_EVAL_MODES, PRESETS, VARIANTS, MAMLConfig
 from .data import DATA_OPTIONS, DATASETS, infer_dataset, load_dataset
 from .data.omniglot import CLASS_SPLITS
@@ -27,7 +27,7 @@ from .train import CHECKPOINT_EVERY, FixedTasks, Trainer, TrainingDiverged, Trai
 
 DEFAULT_PRESET = "omniglot-5w1s"
 MAX_SECONDS = 365 * 24 * 3600
-NO_PROGRESS_HELP = "no progress bars (where stderr is not a terminal, they are redrawn every 30 s at most)"
+NO_PROGRESS_HELP = f"no progress bars (where stderr is not a terminal, they redraw every {progress.SELDOM:g} s at most)"
 # the options of a run besides its config and its data, and their defaults
 RUN_DEFAULTS = dict(keep=5, log_every=10, checkpoint_every=CHECKPOINT_EVERY)
 
