@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -59,23 +60,22 @@ class MAMLPlusPlus(nn.Module):
 
         ``loss_weights`` [S] (floats, or a tensor that may change between CUDA-graph replays)
         weigh the query losses after the inner steps ``query_steps``; the others are skipped.
-        Where second order recomputes (``cfg.recompute``), every inner step and query loss is a
-        region that the outer backward runs again (``mamlfast.recompute``).
+        Where second order recomputes (``cfg.recompute``), every inner step and query loss but the
+        last step's is a region that the outer backward runs again (``mamlfast.recompute``).
         """
         memory_pool.serve(batch.x_support.device)
         if self.cfg.backend == "loop":
             return reference.meta_forward(self, batch, [float(w) for w in loss_weights], second_order)
-        inner_step, query_loss = self._inner_step, self._query_loss
-        if second_order and self._recomputes(batch, query_steps):
-            rerun_context = self.net.hold_running_stats
-            inner_step = recompute.recomputed(inner_step, rerun_context)
-            query_loss = recompute.recomputed(query_loss, rerun_context)
+        recomputing = second_order and self._recomputes(batch, query_steps)
         x_support, x_query = fold_tasks(batch.x_support), fold_tasks(batch.x_query)
         flat = self.net.flat_parameters(batch.num_tasks)
         rates = self.inner_lrs.stacked()
         meta_loss = 0.0
         per_step_losses = flat.new_full((self.cfg.inner_steps,), float("nan")).detach()
         for step in range(self.cfg.inner_steps):
+            # The outer backward starts with the last step's tensors: kept, they hold about what a
+            # rerun of another step holds later, and spare their own rerun.
+            inner_step, query_loss = self._step_regions(recomputing and step < self.cfg.inner_steps - 1)
             flat = inner_step(flat, x_support, batch.y_support, step, rates,
                               create_graph=second_order, use_running_stats=False)
             if step not in query_steps:
@@ -105,6 +105,14 @@ class MAMLPlusPlus(nn.Module):
                                         create_graph=False, use_running_stats=running, track=False).detach()
         with torch.no_grad():
             return self._logits(flat, xq, self.cfg.eval_inner_steps - 1, use_running_stats=running, track=False)
+
+    def _step_regions(self, recomputed: bool) -> tuple[Callable, Callable]:
+        """The inner step and the query loss, as regions that the outer backward reruns or as they are."""
+        if not recomputed:
+            return self._inner_step, self._query_loss
+        rerun_context = self.net.hold_running_stats
+        return (recompute.recomputed(self._inner_step, rerun_context),
+                recompute.recomputed(self._query_loss, rerun_context))
 
     def _inner_step(self, flat, x, y, step, rates, *, create_graph, use_running_stats, track=True):
         """theta_{s+1} = theta_s - alpha[:, s] * grad of the support loss, for every task: [B, P]."""
