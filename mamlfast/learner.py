@@ -60,8 +60,9 @@ class MAMLPlusPlus(nn.Module):
 
         ``loss_weights`` [S] (floats, or a tensor that may change between CUDA-graph replays)
         weigh the query losses after the inner steps ``query_steps``; the others are skipped.
-        Where second order recomputes (``cfg.recompute``), every inner step and query loss but the
-        last step's is a region that the outer backward runs again (``mamlfast.recompute``).
+        Where second order recomputes (``cfg.recompute``), every inner step and query loss is a
+        region that the outer backward runs again (``mamlfast.recompute``), but for the last step's
+        where there are several.
         """
         memory_pool.serve(batch.x_support.device)
         if self.cfg.backend == "loop":
@@ -72,10 +73,12 @@ class MAMLPlusPlus(nn.Module):
         rates = self.inner_lrs.stacked()
         meta_loss = 0.0
         per_step_losses = flat.new_full((self.cfg.inner_steps,), float("nan")).detach()
+        last = self.cfg.inner_steps - 1
         for step in range(self.cfg.inner_steps):
             # The outer backward starts with the last step, whose rerun would make its tensors again
             # at once: keeping them costs a few per cent of the plain path's memory, not a rerun.
-            inner_step, query_loss = self._step_regions(recomputing and step < self.cfg.inner_steps - 1)
+            # A single step is still recomputed: the last step's region is all there is to save.
+            inner_step, query_loss = self._step_regions(recomputing and (step < last or last == 0))
             flat = inner_step(flat, x_support, batch.y_support, step, rates,
                               create_graph=second_order, use_running_stats=False)
             if step not in query_steps:
